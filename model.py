@@ -1,0 +1,408 @@
+"""The frozen CLIP teacher of CLIP-S4: loading, MaskCLIP dense features, text prototypes.
+
+Notation used in shape comments (defined once, as in method.md):
+    B images, D CLIP joint dimension (1024 RN50, 512 ViT-B/16), C trunk channels, Dk key channels,
+    H x W pixels, h x w feature grid, N = 1 + h*w ViT tokens (class token first), K classes,
+    S prompt rows (one per class synonym), L tokens of a prompt.
+
+Public API:
+    load_clip(name, pretrained, config)     -> a frozen open_clip model and what was loaded
+    MaskCLIP(clip, info)                    -> the teacher: .dense(), .text_prototypes(), .scores()
+    prompt_denoising(), key_smoothing()     -> MaskCLIP's two optional refinements
+"""
+import hashlib
+import json
+import logging
+import os
+import socket
+import zipfile
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+from data import UserError
+
+PROMPTS = Path(__file__).with_name("prompts.txt")
+CACHE_DIR = Path(os.environ.get("CLIP_S4_CACHE", "~/.cache/clip_s4")).expanduser()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading CLIP: built-in name or --clip-config, a pretrained tag or a local weights file
+# ----------------------------------------------------------------------------------------------
+def register_clip_config(path):
+    """Register a custom open_clip architecture from FILE.json under the file's stem (open_clip's
+    add_model_config convention) and return that name."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--clip-config {path}: no such file")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--clip-config {path}: not valid JSON ({e})")
+    if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+        raise UserError(f"--clip-config {path}: an open_clip config needs embed_dim, vision_cfg and text_cfg")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def is_torchscript(path):
+    """OpenAI's original .pt files are TorchScript archives (a zip holding a code/ folder)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def read_state_dict(path):
+    """A CLIP state dict from a file: open_clip / OpenAI state dict (fp32 or fp16), safetensors,
+    a {'state_dict': ...} wrapper or OpenAI's TorchScript archive. Returned in fp32."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        elif is_torchscript(path):
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is a user error here, not a crash
+        raise UserError(f"--clip-pretrained {path}: cannot read CLIP weights ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})")
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"--clip-pretrained {path}: not a CLIP state dict")
+    for k in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
+        sd.pop(k, None)
+    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def hub_reachable(timeout=3.0):
+    """True when the Hugging Face hub answers a TCP connect; False at once when HF_HUB_OFFLINE is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_pretrained_tag(name, tag, cache_dir=None):
+    """Path to the weights of an open_clip pretrained tag: from the local caches when present, else
+    downloaded. Offline and uncached fails at once with a message saying where we looked (open_clip
+    itself would retry the hub for about a minute)."""
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise UserError(f"--clip-pretrained {tag}: neither a file nor a pretrained tag of {name} "
+                        f"(tags: {', '.join(tags) or 'none'}; or pass a local weights file)")
+    from huggingface_hub import constants, try_to_load_from_cache
+    looked = []
+    if cfg.get("hf_hub"):
+        repo, fname = os.path.split(cfg["hf_hub"].rstrip("/")) if not cfg["hf_hub"].endswith("/") \
+            else (cfg["hf_hub"].rstrip("/"), "")
+        for f in ([fname] if fname else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+            hit = try_to_load_from_cache(repo, f, cache_dir=cache_dir)
+            if isinstance(hit, str):
+                return hit, cfg
+        looked.append(str(Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))))
+    if cfg.get("url"):
+        f = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+        if f.is_file():
+            return str(f), cfg
+        looked.append(str(f))
+    if not hub_reachable():
+        raise UserError(
+            f"CLIP weights {name} '{tag}' are not on this machine and the network is unreachable; "
+            f"looked in {' and '.join(looked)}. Copy the weights file here and pass "
+            f"--clip-pretrained /path/to/file (open_clip state dict, fp32/fp16, or OpenAI's .pt), "
+            f"or run once with internet access to fill the cache")
+    return open_clip.pretrained.download_pretrained(cfg, cache_dir=cache_dir), cfg
+
+
+def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="auto", device="cpu",
+              cache_dir=None):
+    """Build an open_clip CLIP, load its weights and freeze it (eval mode, no grad).
+
+    Args:
+        name: open_clip architecture name; replaced by the config's stem when `config` is given.
+        pretrained: an open_clip tag ('openai', ...), a local weights file, or 'none' (random init).
+        config: optional path to an open_clip JSON config to register (--clip-config).
+        quick_gelu: 'auto' | 'on' | 'off'. OpenAI's weights were trained with QuickGELU but open_clip's
+            plain 'ViT-B-16'/'RN50' configs use nn.GELU (open_clip only warns). 'auto' takes the tag's
+            own quick_gelu flag, QuickGELU for OpenAI's TorchScript files, the config's choice otherwise.
+    Returns:
+        (model, info): model on `device` in fp32; info = dict(name, pretrained, weights, quick_gelu).
+    """
+    if config:
+        name = register_clip_config(config)
+    if open_clip.get_model_config(name) is None:
+        raise UserError(f"unknown CLIP model '{name}' (open_clip knows e.g. ViT-B-16, RN50, ViT-L-14; "
+                        f"`python -c 'import open_clip; print(open_clip.list_models())'` lists all; "
+                        f"a custom architecture needs --clip-config FILE.json)")
+    weights, qg = None, open_clip.get_model_config(name).get("quick_gelu", False)
+    if pretrained and pretrained.lower() not in ("none", "random"):
+        if os.path.isfile(pretrained):
+            weights, qg = pretrained, qg or is_torchscript(pretrained)
+        elif os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+            raise UserError(f"--clip-pretrained {pretrained}: no such file")
+        else:
+            weights, cfg = resolve_pretrained_tag(name, pretrained, cache_dir)
+            qg = cfg.get("quick_gelu", False)
+    if quick_gelu != "auto":
+        qg = quick_gelu == "on"
+    logging.disable(logging.WARNING)  # open_clip logs "no pretrained weights" for random init
+    try:
+        model = open_clip.create_model(name, pretrained=None, quick_gelu=qg, pretrained_text=False)
+    finally:
+        logging.disable(logging.NOTSET)
+    if weights is not None:
+        sd = read_state_dict(weights)
+        transient = {n for n, _ in model.named_buffers()} - set(model.state_dict())  # e.g. attn_mask
+        sd = {k: v for k, v in sd.items() if k not in transient}
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = [l.strip() for l in str(e).splitlines() if l.strip()][1:2]
+            raise UserError(f"--clip-pretrained {weights} does not fit CLIP '{name}' "
+                            f"({first[0][:200] if first else 'mismatched keys'}); is --clip right?")
+    model.eval().requires_grad_(False)
+    info = dict(name=name, pretrained=pretrained, weights=weights, quick_gelu=bool(qg))
+    return model.to(device), info
+
+
+# ----------------------------------------------------------------------------------------------
+# MaskCLIP dense features (method.md section 2)
+# ----------------------------------------------------------------------------------------------
+def resnet_dense(visual, x, with_keys=False):
+    """MaskCLIP on ModifiedResNet: the attention pool's value and output projections applied at every
+    position as 1x1 convolutions; no attention, no positional embedding.
+    x: (B, 3, H, W) normalised -> (B, D, h, w) raw features (h = H/32), keys (B, C, h, w) or None."""
+    pool = visual.attnpool
+    x = visual.stem(x.to(visual.conv1.weight.dtype))
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, C, h, w)
+    v = F.conv2d(x, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)  # (B, C, h, w)
+    feats = F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)  # (B, D, h, w)
+    keys = F.conv2d(x, pool.k_proj.weight[:, :, None, None], pool.k_proj.bias) if with_keys else None
+    return feats, keys
+
+
+def vit_pos_embed(visual, h, w):
+    """The positional embedding for an h x w patch grid: the class token's kept, the grid resized
+    bicubically with antialiasing as open_clip does when it loads weights at another image size
+    (the identity at the training grid). Returns (1 + h*w, width)."""
+    pos = visual.positional_embedding
+    gh, gw = visual.grid_size
+    if (h, w) == (gh, gw):
+        return pos
+    grid = pos[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, width, gh, gw)
+    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(h * w, -1)  # (h*w, width)
+    return torch.cat([pos[:1], grid.to(pos.dtype)])
+
+
+def vit_dense(visual, x, with_keys=False):
+    """MaskCLIP on VisionTransformer: every block but the last as usual; in the last block the
+    query-key attention is skipped (x -> ln_1 -> value proj -> out_proj, plus the residual), then its
+    MLP with residual, ln_post and the projection; the class token is dropped.
+    x: (B, 3, H, W) normalised -> (B, D, h, w) raw features (h = H/patch), keys (B, width, h, w) or None."""
+    *blocks, last = visual.transformer.resblocks
+    if not isinstance(last, ResidualAttentionBlock) or visual.attn_pool is not None:
+        raise UserError("MaskCLIP dense features need a plain open_clip ViT (no attentional pooler)")
+    t = visual.conv1(x.to(visual.conv1.weight.dtype))  # (B, width, h, w)
+    B, _, h, w = t.shape
+    t = t.flatten(2).transpose(1, 2)  # (B, width, h*w) -> (B, h*w, width)
+    cls = visual.class_embedding.to(t.dtype).expand(B, 1, -1)  # (B, 1, width)
+    t = torch.cat([cls, t], dim=1) + vit_pos_embed(visual, h, w).to(t.dtype)  # (B, N, width)
+    t = visual.ln_pre(t)
+    batch_first = getattr(visual.transformer, "batch_first", True)
+    if not batch_first:
+        t = t.transpose(0, 1)  # (B, N, width) -> (N, B, width)
+    for blk in blocks:
+        t = blk(t)
+    if not batch_first:
+        t = t.transpose(0, 1)  # (N, B, width) -> (B, N, width)
+    y = last.ln_1(t)
+    _, w_k, w_v = last.attn.in_proj_weight.chunk(3)
+    _, b_k, b_v = last.attn.in_proj_bias.chunk(3)
+    t = t + last.ls_1(last.attn.out_proj(F.linear(y, w_v, b_v)))  # value path only: (B, N, width)
+    t = t + last.ls_2(last.mlp(last.ln_2(t)))
+    t = visual.ln_post(t) @ visual.proj  # (B, N, D)
+    feats = t[:, 1:].transpose(1, 2).reshape(B, -1, h, w)  # (B, h*w, D) -> (B, D, h, w)
+    keys = None
+    if with_keys:
+        keys = F.linear(y[:, 1:], w_k, b_k).transpose(1, 2).reshape(B, -1, h, w)  # (B, width, h, w)
+    return feats, keys
+
+
+# ----------------------------------------------------------------------------------------------
+# Text prototypes (method.md section 3)
+# ----------------------------------------------------------------------------------------------
+def read_templates(path=PROMPTS):
+    """The prompt templates, one per line, each with one '{}' for the class name (85 in prompts.txt)."""
+    lines = [l.strip() for l in Path(path).read_text().splitlines() if l.strip()]
+    bad = [l for l in lines if l.count("{}") != 1]
+    if bad:
+        raise UserError(f"{path}: every template needs exactly one '{{}}', not: {bad[0]!r}")
+    return lines
+
+
+def parse_class_names(names):
+    """Class names with optional ';'-separated synonyms ('tv monitor;television') -> list of lists.
+    Empty lists, empty names and duplicates are user errors."""
+    if not names:
+        raise UserError("no class names given (e.g. --classes sky grass 'tv monitor;television')")
+    classes = [[s.strip() for s in n.split(";") if s.strip()] for n in names]
+    if any(not c for c in classes):
+        raise UserError(f"empty class name in {list(names)}")
+    seen = {}
+    for c in classes:
+        key = c[0].lower()
+        if key in seen:
+            raise UserError(f"duplicate class name '{c[0]}': each class must be named once")
+        seen[key] = True
+    return classes
+
+
+@torch.no_grad()
+def encode_text_fast(clip, tokens, batch_size=512):
+    """clip.encode_text, unnormalised, without the padding work. A causal text transformer never lets
+    a token see the ones after it, and CLIP reads the sentence at its end-of-text token, so cutting
+    each prompt at its own length gives the same output. Prompts are grouped by length so no batch
+    carries padding: about 5x less work than padding every prompt to the 77-token context.
+    tokens: (S, 77) long -> (S, D)."""
+    tower = clip.text if hasattr(clip, "text") else clip
+    if getattr(tower, "attn_mask", None) is None or getattr(tower, "text_pool_type", "") != "argmax":
+        return clip.encode_text(tokens)  # not causal or not EOT-pooled: no shortcut is exact
+    lengths = tokens.argmax(dim=-1) + 1  # the EOT token has the largest id
+    out = torch.empty(len(tokens), clip.text_projection.shape[-1] if torch.is_tensor(clip.text_projection)
+                      else clip.text_projection.out_features, device=tokens.device)
+    for n in lengths.unique().tolist():
+        idx = (lengths == n).nonzero().squeeze(1)
+        for chunk in idx.split(batch_size):
+            t = tokens[chunk, :n]  # (b, L)
+            x = tower.token_embedding(t) + tower.positional_embedding[:n]  # (b, L, width)
+            x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
+            x = tower.ln_final(x)[:, -1]  # the EOT token is last: (b, width)
+            proj = tower.text_projection
+            out[chunk] = (proj(x) if isinstance(proj, nn.Linear) else x @ proj).float()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher
+# ----------------------------------------------------------------------------------------------
+class MaskCLIP(nn.Module):
+    """The frozen CLIP teacher: MaskCLIP dense features in CLIP's joint space plus text prototypes.
+    Unlike a plain CLIP it keeps the spatial map: one unit vector per patch, no global pooling."""
+
+    def __init__(self, clip, info):
+        super().__init__()
+        self.clip, self.info = clip, info
+        self.tokenizer = open_clip.get_tokenizer(info["name"])
+        visual = clip.visual
+        if isinstance(visual, ModifiedResNet):
+            self.dense_fn, self.stride = resnet_dense, 32
+        elif isinstance(visual, VisionTransformer):
+            self.dense_fn, self.stride = vit_dense, visual.patch_size[0]
+        else:
+            raise UserError(f"MaskCLIP needs an open_clip ModifiedResNet or VisionTransformer, "
+                            f"not {type(visual).__name__}")
+        pre = getattr(visual, "preprocess_cfg", {}) or {}
+        mean = pre.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = pre.get("std", open_clip.OPENAI_DATASET_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._text_cache = {}
+
+    @property
+    def device(self):
+        return self.mean.device
+
+    @torch.no_grad()
+    def dense(self, images, with_keys=False):
+        """images: (B, 3, H, W) float RGB in [0, 1] (H, W multiples of self.stride for exact alignment).
+        Returns feats (B, D, h, w) fp32 L2-normalised along D, and keys (B, Dk, h, w) or None."""
+        x = (images.to(self.device, torch.float32) - self.mean) / self.std
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            feats, keys = self.dense_fn(self.clip.visual, x, with_keys)
+        return F.normalize(feats.float(), dim=1), (keys.float() if keys is not None else None)
+
+    @torch.no_grad()
+    def text_prototypes(self, class_names, templates=None, cache_dir=CACHE_DIR, batch_size=512):
+        """One unit vector per class synonym: the normalised mean of its normalised template embeddings.
+        Args:
+            class_names: list of names, each may hold ';'-separated synonyms.
+            templates: list of '{}' templates (default: the 85 of prompts.txt).
+            cache_dir: a folder for the on-disk cache keyed by (model, weights, templates, names); None = off.
+        Returns:
+            protos (S, D) fp32 unit norm, owner (S,) long: the class index of each row."""
+        classes = parse_class_names(class_names)
+        templates = templates or read_templates()
+        key = hashlib.sha1(json.dumps([self.info["name"], weights_id(self.info), templates, classes])
+                           .encode()).hexdigest()[:16]
+        file = Path(cache_dir) / f"text_{key}.pt" if cache_dir else None
+        if key not in self._text_cache and file is not None and file.is_file():
+            self._text_cache[key] = torch.load(file, map_location="cpu", weights_only=True)
+        if key not in self._text_cache:
+            names = [s for c in classes for s in c]
+            prompts = [t.format(s) for s in names for t in templates]
+            emb = encode_text_fast(self.clip, self.tokenizer(prompts).to(self.device), batch_size)
+            emb = F.normalize(emb, dim=-1).view(len(names), len(templates), -1)  # (S, T, D)
+            protos = F.normalize(emb.mean(dim=1), dim=-1).cpu()  # (S, D)
+            owner = torch.tensor([k for k, c in enumerate(classes) for _ in c])
+            self._text_cache[key] = (protos, owner)
+            if file is not None:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_suffix(".tmp")
+                torch.save((protos, owner), tmp)
+                os.replace(tmp, file)
+        protos, owner = self._text_cache[key]
+        return protos.to(self.device), owner.to(self.device)
+
+
+def weights_id(info):
+    """What identifies loaded weights in a cache key: the tag, or a file's path, size and mtime."""
+    w = info.get("weights")
+    if w and os.path.isfile(w):
+        st = os.stat(w)
+        return [os.path.abspath(w), st.st_size, int(st.st_mtime), info["quick_gelu"]]
+    return [info.get("pretrained"), info["quick_gelu"]]
+
+
+def class_scores(feats, protos, owner, num_classes):
+    """Cosine of every pixel to every class; a class with synonyms scores its best synonym.
+    feats (B, D, h, w) unit, protos (S, D) unit, owner (S,) -> (B, K, h, w)."""
+    cos = torch.einsum("bdhw,sd->bshw", feats, protos.to(feats.dtype))  # (B, S, h, w)
+    if len(protos) == num_classes:
+        return cos
+    out = cos.new_full((cos.shape[0], num_classes, *cos.shape[2:]), float("-inf"))
+    idx = owner.view(1, -1, 1, 1).expand_as(cos)
+    return out.scatter_reduce(1, idx, cos, reduce="amax")  # (B, K, h, w)
+
+
+def prompt_denoising(scores, thresh=0.5, scale=100.0):
+    """MaskCLIP's prompt denoising: a class whose highest probability anywhere in the image
+    (softmax of scale x cosine over classes) is below `thresh` is removed from that image.
+    The image's most confident class is always kept. scores (B, K, h, w) -> (B, K, h, w)."""
+    peak = F.softmax(scale * scores, dim=1).amax(dim=(2, 3))  # (B, K)
+    keep = (peak >= thresh) | (peak == peak.amax(dim=1, keepdim=True))
+    return scores.masked_fill(~keep[:, :, None, None], float("-inf"))
+
+
+def key_smoothing(scores, keys, thresh=1.0, scale=100.0):
+    """MaskCLIP's key smoothing: each pixel's class probabilities become the sum of all pixels'
+    probabilities weighted by the cosine of their keys (pixels the last layer would attend alike).
+    Only pixels whose top probability is below `thresh` change (1.0: all of them).
+    scores (B, K, h, w), keys (B, Dk, h, w) -> smoothed probabilities (B, K, h, w)."""
+    B, K, h, w = scores.shape
+    prob = F.softmax(scale * scores, dim=1).flatten(2)  # (B, K, h*w)
+    k = F.normalize(keys.flatten(2), dim=1)  # (B, Dk, h*w)
+    smoothed = prob @ (k.transpose(1, 2) @ k)  # (B, K, h*w) @ (B, h*w, h*w) -> (B, K, h*w)
+    low = prob.amax(dim=1, keepdim=True) < thresh  # (B, 1, h*w)
+    return torch.where(low, smoothed, prob).view(B, K, h, w)

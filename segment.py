@@ -1,0 +1,124 @@
+"""segment.py: segment any image with any class names, zero-shot, in CLIP's joint space.
+
+Each pixel takes the class whose text prototype (85 prompt templates, prompts.txt) is closest to the
+pixel's dense CLIP embedding (MaskCLIP). Writes <stem>_overlay.png (image, colours, legend) and
+<stem>_labels.png (palette PNG at the image's size, value = index of the class in --classes).
+
+Real CLIP (weights fetched by open_clip once, or a local file):
+    python segment.py photo.jpg --classes sky grass egg
+    python segment.py photos/ --classes "tv monitor;television" sofa --clip RN50
+    python segment.py photo.jpg --classes sky grass --clip-pretrained ~/weights/ViT-B-16.pt
+Tiny CPU setting, seconds, no downloads (after `python toy.py`, see README):
+    python segment.py data/toy/images/val_0000.png --classes sky grass water road \
+        --clip-config data/toy/toyclip.json --clip-pretrained data/toy/toyclip.pt --size 64
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import (UserError, draw_overlay, image_tensor, label_shares, list_images, load_image,
+                  palette, resize_for_teacher, resize_labels, save_label_png, atomic_save)
+from model import (MaskCLIP, class_scores, key_smoothing, load_clip, parse_class_names,
+                   prompt_denoising, CACHE_DIR)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--classes", nargs="*", default=None, required=True,
+                   help="class names; ';' joins synonyms scored by their best match ('tv monitor;television')")
+    # Model
+    p.add_argument("--clip", default="ViT-B-16", help="open_clip model name (ViT-B-16 or RN50 in the paper)")
+    p.add_argument("--clip-pretrained", default="openai",
+                   help="open_clip pretrained tag, or a local weights file (state dict fp32/fp16, or OpenAI's .pt)")
+    p.add_argument("--clip-config", default=None,
+                   help="open_clip JSON config registered under its file stem (then --clip is that stem)")
+    p.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto",
+                   help="activation of the CLIP towers; auto = QuickGELU for OpenAI's weights, as they were trained")
+    p.add_argument("--size", type=int, default=448,
+                   help="short side the teacher sees (MaskCLIP: 448 for 224-px CLIPs; a tiny CLIP needs its own)")
+    p.add_argument("--max-side", type=int, default=1344,
+                   help="cap on the teacher's long side, so very wide or huge images cannot blow memory")
+    p.add_argument("--key-smoothing", action="store_true", help="MaskCLIP refinement: smooth scores by key similarity")
+    p.add_argument("--ks-thresh", type=float, default=1.0, help="key smoothing changes pixels whose top prob is below this")
+    p.add_argument("--prompt-denoising", action="store_true", help="MaskCLIP refinement: drop classes never confident")
+    p.add_argument("--pd-thresh", type=float, default=0.5, help="prompt denoising keeps a class whose peak prob reaches this")
+    # Output
+    p.add_argument("--out-dir", default="out/segment", help="where the PNGs are written")
+    p.add_argument("--cache-dir", default=str(CACHE_DIR), help="text-prototype cache ('' turns it off)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks CUDA when present")
+    return p.parse_args(argv)
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
+
+
+@torch.no_grad()
+def segment_image(teacher, img, protos, owner, num_classes, args):
+    """img (H, W, 3) uint8 -> labels (H, W) uint8, class indices in [0, K)."""
+    x = resize_for_teacher(image_tensor(img), args.size, teacher.stride, args.max_side)  # (1, 3, h', w')
+    feats, keys = teacher.dense(x, with_keys=args.key_smoothing)  # (1, D, h, w)
+    scores = class_scores(feats, protos, owner, num_classes)  # (1, K, h, w)
+    if args.prompt_denoising:
+        scores = prompt_denoising(scores, args.pd_thresh)
+    if args.key_smoothing:
+        scores = key_smoothing(scores, keys, args.ks_thresh)
+    # Upsample the scores to the teacher's input size only, then the labels (not the K score maps)
+    # to the original size: a 6000 x 4000 photo never holds K full-size float maps.
+    scores = F.interpolate(scores, size=x.shape[2:], mode="bilinear", align_corners=False)  # (1, K, h', w')
+    labels = scores[0].argmax(dim=0).to(torch.uint8).cpu().numpy()  # (h', w')
+    return resize_labels(labels, img.shape[:2])
+
+
+def main(args):
+    print(f"segment.py | {vars(args)}")
+    # ---- inputs: every check before any output is written ----
+    classes = parse_class_names(args.classes)
+    names = [c[0] for c in classes]
+    if len(names) > 256:
+        raise UserError(f"{len(names)} classes: the label PNG holds at most 256")
+    paths = list_images(args.images)
+    for p in paths:
+        load_image(p)  # decode once up front: a bad file stops the run before anything is written
+    device = pick_device(args.device)
+    print(f"device: {device} | {len(paths)} image(s) | classes: {', '.join(names)}")
+
+    # ---- model: the frozen CLIP teacher ----
+    t0 = time.perf_counter()
+    clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device)
+    teacher = MaskCLIP(clip, info).to(device)
+    t1 = time.perf_counter()
+    protos, owner = teacher.text_prototypes(args.classes, cache_dir=args.cache_dir or None)
+    t2 = time.perf_counter()
+    print(f"model build {t1 - t0:.1f} s | text prototypes {t2 - t1:.1f} s "
+          f"({len(protos)} prompts rows x 85 templates) | weights: {info['weights'] or 'random init'}")
+
+    # ---- loop: segment, save, report ----
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    colours = palette(len(names))
+    for p in paths:
+        t = time.perf_counter()
+        img = load_image(p)
+        labels = segment_image(teacher, img, protos, owner, len(names), args)
+        shares = label_shares(labels, len(names))
+        save_label_png(out / f"{p.stem}_labels.png", labels, colours)
+        atomic_save(draw_overlay(img, labels, names, colours, shares), out / f"{p.stem}_overlay.png")
+        top = ", ".join(f"{n} {100 * s:.1f}%" for n, s in sorted(zip(names, shares), key=lambda a: -a[1]) if s > 0)
+        print(f"{p.name} ({img.shape[1]}x{img.shape[0]}) {1000 * (time.perf_counter() - t):.0f} ms | {top}")
+    print(f"wrote {2 * len(paths)} PNGs to {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,238 @@
+"""The frozen teacher against open_clip itself, on tiny random models (CPU, offline)."""
+import time
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.model import resize_pos_embed
+
+import model as M
+from data import UserError
+
+
+@pytest.fixture(scope="module")
+def vit(tiny_configs):
+    torch.manual_seed(0)
+    return M.load_clip(pretrained="none", config=tiny_configs["vit"])[0]
+
+
+@pytest.fixture(scope="module")
+def rn(tiny_configs):
+    torch.manual_seed(0)
+    return M.load_clip(pretrained="none", config=tiny_configs["rn"])[0]
+
+
+def identity_last_attention(visual):
+    """Make open_clip's own last block attend each token to itself only (attention = identity)."""
+    last = visual.transformer.resblocks[-1]
+
+    def attention(q_x, k_x=None, v_x=None, attn_mask=None):
+        n = q_x.shape[1]
+        eye = torch.full((n, n), float("-inf")).fill_diagonal_(0.0)
+        return last.attn(q_x, q_x, q_x, need_weights=False, attn_mask=eye)[0]
+    last.attention = attention
+
+
+def openclip_tokens(visual, x):
+    """Patch tokens of open_clip's forward, projected to the joint space: (B, D, h, w)."""
+    visual.output_tokens = True
+    try:
+        _, tokens = visual(x)  # tokens: (B, h*w, width) after ln_post
+    finally:
+        visual.output_tokens = False
+    B, n, _ = tokens.shape
+    h, w = visual.grid_size
+    return (tokens @ visual.proj).transpose(1, 2).reshape(B, -1, h, w)
+
+
+def test_vit_dense_equals_openclip_with_identity_attention(vit, tiny_configs):
+    x = torch.randn(2, 3, 32, 32)
+    ours, _ = M.vit_dense(vit.visual, x)
+    ref_model = M.load_clip(pretrained="none", config=tiny_configs["vit"])[0]
+    ref_model.load_state_dict(vit.state_dict())
+    identity_last_attention(ref_model.visual)
+    with torch.no_grad():
+        ref = openclip_tokens(ref_model.visual, x)
+    assert ours.shape == (2, 32, 4, 4)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_dense_non_square_equals_openclip_resized(vit):
+    """At 48 x 64 px our interpolated positional embedding must equal open_clip's own resizing."""
+    x = torch.randn(1, 3, 48, 64)
+    ours, _ = M.vit_dense(vit.visual, x)
+    big = open_clip.create_model("tiny-vit", force_image_size=(48, 64), pretrained_text=False)
+    sd = {k: v.clone() for k, v in vit.state_dict().items()}
+    resize_pos_embed(sd, big)
+    big.load_state_dict(sd)
+    big.eval()
+    identity_last_attention(big.visual)
+    with torch.no_grad():
+        ref = openclip_tokens(big.visual, x)
+    assert ours.shape == (1, 32, 6, 8)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_dense_mean_equals_uniform_attention_pool(rn, tiny_configs):
+    """With q, k zeroed the attention pool averages its values uniformly; with no positional
+    embedding that is c_proj(v_proj(mean x)), which is the mean of the MaskCLIP map."""
+    ref = M.load_clip(pretrained="none", config=tiny_configs["rn"])[0]
+    ref.load_state_dict(rn.state_dict())
+    pool = ref.visual.attnpool
+    for p in (pool.q_proj.weight, pool.q_proj.bias, pool.k_proj.weight, pool.k_proj.bias,
+              pool.positional_embedding):
+        p.data.zero_()
+    x = torch.randn(2, 3, 64, 64)
+    feats, keys = M.resnet_dense(rn.visual, x, with_keys=True)
+    with torch.no_grad():
+        pooled = ref.visual(x)  # (B, D)
+    assert feats.shape == (2, 32, 2, 2) and keys.shape[2:] == (2, 2)
+    torch.testing.assert_close(feats.mean(dim=(2, 3)), pooled, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["vit", "rn"])
+def test_teacher_dense_is_unit_norm_any_size(which, tiny_configs):
+    clip, info = M.load_clip(pretrained="none", config=tiny_configs[which])
+    teacher = M.MaskCLIP(clip, info)
+    s = teacher.stride
+    feats, keys = teacher.dense(torch.rand(1, 3, 3 * s, 5 * s), with_keys=True)
+    assert feats.shape == (1, 32, 3, 5) and keys.shape[2:] == (3, 5)
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(1, 3, 5))
+    assert not any(p.requires_grad for p in clip.parameters()) and not clip.training
+
+
+def test_encode_text_fast_equals_encode_text(vit):
+    tok = open_clip.get_tokenizer("tiny-vit")
+    prompts = ["a", "a photo of a dog.", "there is the potted plant in the scene.", "x " * 90]
+    t = tok(prompts)
+    with torch.no_grad():
+        ref = vit.encode_text(t)
+    torch.testing.assert_close(M.encode_text_fast(vit, t, batch_size=2), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_templates_file():
+    t = M.read_templates()
+    assert len(t) == 85 and len(set(t)) == 85 and all(s.count("{}") == 1 for s in t)
+    assert "a photo of a {}." in t and "this is one {} in the scene." in t
+
+
+def test_text_prototypes_reference_synonyms_and_cache(vit, tmp_path, monkeypatch):
+    teacher = M.MaskCLIP(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None, "quick_gelu": False})
+    templates = ["a photo of a {}.", "this is the {} in the scene.", "{}"]
+    protos, owner = teacher.text_prototypes(["sky", "tv monitor;television"], templates, cache_dir=tmp_path)
+    assert protos.shape == (3, 32) and owner.tolist() == [0, 1, 1]
+    torch.testing.assert_close(protos.norm(dim=1), torch.ones(3))
+    with torch.no_grad():  # the obvious way: one template at a time with open_clip's encode_text
+        e = F.normalize(vit.encode_text(teacher.tokenizer([t.format("television") for t in templates])), dim=-1)
+    torch.testing.assert_close(protos[2], F.normalize(e.mean(0), dim=0), atol=1e-5, rtol=1e-5)
+    # a fresh teacher reads the disk cache and never runs the text tower
+    monkeypatch.setattr(M, "encode_text_fast", lambda *a, **k: pytest.fail("cache missed"))
+    fresh = M.MaskCLIP(vit, dict(teacher.info))
+    p2, o2 = fresh.text_prototypes(["sky", "tv monitor;television"], templates, cache_dir=tmp_path)
+    assert torch.equal(p2, protos) and torch.equal(o2, owner)
+    assert len(list(tmp_path.glob("text_*.pt"))) == 1
+
+
+def test_class_scores_takes_best_synonym():
+    feats = F.normalize(torch.tensor([1.0, 0.0]), dim=0).view(1, 2, 1, 1)
+    protos = torch.tensor([[0.0, 1.0], [0.6, 0.8], [1.0, 0.0]])
+    s = M.class_scores(feats, protos, torch.tensor([0, 1, 1]), 2)
+    assert s.flatten().tolist() == pytest.approx([0.0, 1.0])
+
+
+@pytest.mark.parametrize("names", [[], ["sky", "Sky"], ["sky", ";"]])
+def test_bad_class_lists(names):
+    with pytest.raises(UserError):
+        M.parse_class_names(names)
+
+
+def test_prompt_denoising_drops_unconfident_class():
+    scores = torch.zeros(1, 3, 2, 2)
+    scores[0, 0] = 0.3  # class 0 wins everywhere, class 2 is close behind, class 1 never confident
+    scores[0, 2, 0, 0] = 0.31
+    out = M.prompt_denoising(scores, thresh=0.5)
+    assert torch.isinf(out[0, 1]).all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 2]).all()
+
+
+def test_key_smoothing_matches_loop():
+    torch.manual_seed(0)
+    scores, keys = torch.randn(1, 3, 2, 3) * 0.05, torch.randn(1, 4, 2, 3)
+    out = M.key_smoothing(scores, keys, thresh=1.0)
+    prob = F.softmax(100 * scores, dim=1).view(3, 6)
+    k = F.normalize(keys.view(4, 6), dim=0)
+    for i in range(6):
+        ref = sum(float(k[:, i] @ k[:, j]) * prob[:, j] for j in range(6))
+        torch.testing.assert_close(out.view(3, 6)[:, i], ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- loading, QuickGELU, offline
+def is_quick(model):
+    return type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
+def fake_hub_cache(root, repo, fname, state_dict):
+    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<rev>/<file>}."""
+    d = root / ("models--" + repo.replace("/", "--"))
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text("0" * 40)
+    (d / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    torch.save(state_dict, d / "snapshots" / ("0" * 40) / fname)
+
+
+def test_openai_tag_gets_quickgelu_from_cache(vit, tmp_path, monkeypatch):
+    """A tag whose weights were trained with QuickGELU builds QuickGELU even though the
+    architecture's config says GELU; found in the hub cache with no network."""
+    from open_clip import pretrained as P
+    monkeypatch.setitem(P._PRETRAINED, "tiny-vit", {"openai": P._pcfg(hf_hub="test/tiny-vit/", quick_gelu=True)})
+    fake_hub_cache(tmp_path, "test/tiny-vit", "open_clip_pytorch_model.bin", vit.state_dict())
+    model, info = M.load_clip("tiny-vit", "openai", cache_dir=str(tmp_path))
+    assert info["quick_gelu"] and is_quick(model)
+    torch.testing.assert_close(model.visual.proj, vit.visual.proj)
+    off, _ = M.load_clip("tiny-vit", "openai", quick_gelu="off", cache_dir=str(tmp_path))
+    assert not is_quick(off)
+
+
+def test_offline_uncached_tag_fails_fast_with_advice(tmp_path):
+    t = time.perf_counter()
+    with pytest.raises(UserError) as e:
+        M.load_clip("ViT-B-16", "openai", cache_dir=str(tmp_path))
+    assert time.perf_counter() - t < 10
+    msg = str(e.value)
+    assert "\n" not in msg and "--clip-pretrained" in msg and str(tmp_path) in msg and "openai" in msg
+
+
+def test_local_fp16_and_torchscript_weights(vit, tiny_configs, tmp_path):
+    half = tmp_path / "half.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in vit.state_dict().items()}, half)
+    m, info = M.load_clip(pretrained=str(half), config=tiny_configs["vit"])
+    assert not info["quick_gelu"] and m.visual.proj.dtype == torch.float32
+    torch.testing.assert_close(m.visual.proj, vit.visual.proj.half().float())
+    # OpenAI ships TorchScript archives: QuickGELU is chosen for them
+    jit = tmp_path / "openai.pt"
+    traced = torch.jit.trace(vit, (torch.rand(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)), strict=False)
+    traced.save(str(jit))
+    m, info = M.load_clip(pretrained=str(jit), config=tiny_configs["vit"])
+    assert info["quick_gelu"] and is_quick(m)
+    torch.testing.assert_close(m.visual.proj, vit.visual.proj)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(name="no-such-model", pretrained="none"), "unknown CLIP model"),
+    (dict(name="tiny-vit", pretrained="/no/such/file.pt"), "no such file"),
+    (dict(name="tiny-vit", pretrained="laion9000"), "tag"),
+])
+def test_loading_errors(tiny_configs, kwargs, needle):
+    M.register_clip_config(tiny_configs["vit"])
+    with pytest.raises(UserError, match=needle):
+        M.load_clip(**kwargs)
+
+
+def test_wrong_weights_file(rn, tiny_configs, tmp_path):
+    f = tmp_path / "rn.pt"
+    torch.save(rn.state_dict(), f)
+    with pytest.raises(UserError, match="does not fit"):
+        M.load_clip(pretrained=str(f), config=tiny_configs["vit"])
+    f.write_text("not weights")
+    with pytest.raises(UserError, match="cannot read"):
+        M.load_clip(pretrained=str(f), config=tiny_configs["vit"])
