@@ -9,6 +9,7 @@ Public API:
     resize_for_teacher(x, ...)     -> the teacher's input: short side fixed, multiple of its stride
     palette(n), save_label_png()   -> colours and palette PNG label maps
 """
+import math
 import os
 import warnings
 from pathlib import Path
@@ -161,3 +162,330 @@ def draw_overlay(img, labels, names, colours, shares=None, alpha=0.5, max_side=2
         draw.rectangle([x, y + 2, x + 18, y + 20], fill=tuple(int(c) for c in colours[k]), outline=(0, 0, 0))
         draw.text((x + 18 + pad, y + 2), r, fill=(0, 0, 0), font=font)
     return canvas
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: everything from one confusion matrix
+# ----------------------------------------------------------------------------------------------
+def confusion_matrix(pred, gt, num_classes, ignore=IGNORE):
+    """Rows = ground truth, columns = prediction, pixels labelled `ignore` left out.
+    pred, gt: integer arrays of one shape. Returns (K, K) int64."""
+    pred, gt = np.asarray(pred).reshape(-1).astype(np.int64), np.asarray(gt).reshape(-1).astype(np.int64)
+    keep = gt != ignore
+    idx = num_classes * gt[keep] + pred[keep]
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(cm, names):
+    """mIoU, pAcc, mAcc (percent) and per-class IoU from a confusion matrix. A class absent from both
+    ground truth and prediction has no IoU (left out of the mean, None per class), not IoU 0."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp, gt, pr = np.diag(cm), cm.sum(1), cm.sum(0)
+    union = gt + pr - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        acc = np.where(gt > 0, tp / gt, np.nan)
+    return {"mIoU": 100 * float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,
+            "pAcc": 100 * float(tp.sum() / max(cm.sum(), 1)),
+            "mAcc": 100 * float(np.nanmean(acc)) if np.isfinite(acc).any() else 0.0,
+            "per_class": {n: (None if np.isnan(v) else 100 * float(v)) for n, v in zip(names, iou)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: class names (MaskCLIP's natural-language spellings) and readers
+# ----------------------------------------------------------------------------------------------
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table",
+               "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
+# The supplementary's four class-free folds; concatenated they are Pascal Context-59 in label order.
+CONTEXT_FOLDS = [
+    ["airplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
+     "bus", "cabinet", "car", "cat"],
+    ["ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog", "door", "fence", "floor", "flower",
+     "food", "grass", "ground"],
+    ["horse", "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform",
+     "potted plant", "road", "rock", "sheep", "shelves", "sidewalk"],
+    ["sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tv monitor", "wall", "water",
+     "window", "wood"]]
+CONTEXT_CLASSES = [c for fold in CONTEXT_FOLDS for c in fold]
+# COCO-Stuff-171 in labelTrainIds order; the stuff names lose their "-other"/"-stuff" suffixes and
+# read as phrases ("wall-brick" -> "brick wall"): our spelling choice, overridable by --class-names.
+COCOSTUFF_CLASSES = (
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
+    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"
+    "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
+    "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,"
+    "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,keyboard,"
+    "cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,"
+    "toothbrush,banner,blanket,branch,bridge,building,bush,cabinet,cage,cardboard,carpet,ceiling,ceiling tile,"
+    "cloth,clothes,clouds,counter,cupboard,curtain,desk,dirt,door,fence,marble floor,floor,stone floor,"
+    "tile floor,wood floor,flower,fog,food,fruit,furniture,grass,gravel,ground,hill,house,leaves,light,mat,"
+    "metal,mirror,moss,mountain,mud,napkin,net,paper,pavement,pillow,plant,plastic,platform,playingfield,"
+    "railing,railroad,river,road,rock,roof,rug,salad,sand,sea,shelf,sky,skyscraper,snow,solid,stairs,stone,"
+    "straw,structural,table,tent,textile,towel,tree,vegetable,brick wall,concrete wall,wall,panel wall,"
+    "stone wall,tile wall,wood wall,water,waterdrops,window blind,window,wood").split(",")
+
+# name: (base folders tried under --data-root, image dir, label dir per split, split list per split,
+#        default root). "{split}" is filled in; a list of None means "every label file in the folder".
+LAYOUTS = {
+    "voc": (["VOCdevkit/VOC2012", "."], "JPEGImages",
+            {"train": "SegmentationClassAug", "val": "SegmentationClass"},
+            {"train": "ImageSets/Segmentation/train_aug.txt", "val": "ImageSets/Segmentation/val.txt"}, "data/voc"),
+    "context": (["VOCdevkit/VOC2010", "."], "JPEGImages", {"train": "SegmentationClassContext", "val":
+                "SegmentationClassContext"}, {"train": "ImageSets/SegmentationContext/train.txt",
+                                              "val": "ImageSets/SegmentationContext/val.txt"}, "data/context"),
+    "cocostuff": (["coco_stuff164k", "."], "images/{split}2017", {"train": "annotations/train2017",
+                  "val": "annotations/val2017"}, {"train": None, "val": None}, "data/cocostuff"),
+    "folder": (["."], "JPEGImages", {"train": "SegmentationClass", "val": "SegmentationClass"},
+               {"train": "ImageSets/Segmentation/train.txt", "val": "ImageSets/Segmentation/val.txt"}, None),
+}
+LAYOUTS["toy"] = LAYOUTS["folder"][:4] + ("data/toy",)
+
+
+def read_class_file(path):
+    """classes.txt: one class per line, line index = label id, optional ';' synonyms."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such class-name file (one class per line, line index = label id)")
+    names = [l.strip() for l in path.read_text().splitlines() if l.strip()]
+    if not names:
+        raise UserError(f"{path}: no class names in it")
+    return names
+
+
+def find_base(name, root):
+    """The dataset's base folder under root, or a UserError naming what was expected and found."""
+    bases, image_dir = LAYOUTS[name][0], LAYOUTS[name][1]
+    root = Path(root or LAYOUTS[name][4] or ".")
+    if not root.is_dir():
+        raise UserError(f"--data-root {root}: no such folder (--dataset {name})")
+    for b in bases:
+        if (root / b / image_dir.format(split="val")).is_dir():
+            return root / b
+    found = sorted(p.name for p in root.iterdir())[:8]
+    raise UserError(f"--dataset {name}: expected {' or '.join(str(root / b / image_dir) for b in bases)}, "
+                    f"found {found or 'an empty folder'} in {root}")
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """A semantic-segmentation split: item i -> {"image": (H, W, 3) uint8, "label": (H, W) uint8 class
+    indices with 255 = ignore, "id": str}.
+
+    voc: 20 object classes with background ignored (MaskCLIP's language-driven protocol), or 21 with
+    `background=True` (the k-NN protocol). context: 59 classes, background ignored. cocostuff: 171.
+    folder / toy: any VOC-layout folder with classes.txt. `on_bad_file`: "stop" raises a UserError
+    naming the file; "skip" warns, counts it in .bad and serves the next good item instead."""
+
+    def __init__(self, name, root=None, split="val", background=False, class_names=None, on_bad_file="stop"):
+        if name not in LAYOUTS:
+            raise UserError(f"--dataset {name}: choose from {', '.join(LAYOUTS)}")
+        if split not in ("train", "val"):
+            raise UserError(f"--split {split}: choose train or val")
+        base = find_base(name, root)
+        _, image_dir, label_dirs, lists, _ = LAYOUTS[name]
+        image_dir, label_dir = base / image_dir.format(split=split), base / label_dirs[split]
+        self.name, self.split, self.on_bad_file, self.bad = name, split, on_bad_file, []
+        # Class names and the map from raw label values to class indices (255 = ignore).
+        lut = np.arange(256, dtype=np.uint8)
+        if name == "voc":
+            raw = ["background"] + VOC_CLASSES
+            if not background:
+                lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)  # 0 -> ignore, k -> k-1
+        elif name == "context":
+            raw = ["background"] + CONTEXT_CLASSES
+            lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)
+        elif name == "cocostuff":
+            raw = list(COCOSTUFF_CLASSES)
+        else:
+            raw = read_class_file(base / "classes.txt")
+        lut[255] = IGNORE
+        self.num_raw, self.lut = len(raw), lut
+        names = [n for v, n in enumerate(raw) if lut[v] != IGNORE]
+        self.classes = read_class_file(class_names) if class_names else names
+        if len(self.classes) != len(names):
+            raise UserError(f"{class_names}: {len(self.classes)} names, but {name} has {len(names)} classes")
+        # The items of the split.
+        if lists[split] is None:
+            if not label_dir.is_dir():
+                raise UserError(f"--dataset {name}: expected label folder {label_dir}")
+            ids = sorted(p.name[: -len("_labelTrainIds.png")] for p in label_dir.glob("*_labelTrainIds.png"))
+            self.items = [(i, image_dir / f"{i}.jpg", label_dir / f"{i}_labelTrainIds.png") for i in ids]
+        else:
+            lst = base / lists[split]
+            if not lst.is_file():
+                raise UserError(f"--dataset {name}: expected split list {lst}")
+            ids = lst.read_text().split()
+            self.items = [(i, self._image_path(image_dir, i), label_dir / f"{i}.png") for i in ids]
+        if not self.items:
+            raise UserError(f"--dataset {name} --split {split}: no items found under {base}")
+
+    @staticmethod
+    def _image_path(folder, i):
+        for ext in (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".bmp", ".webp"):
+            if (folder / f"{i}{ext}").is_file():
+                return folder / f"{i}{ext}"
+        return folder / f"{i}.jpg"  # missing: load_image names it
+
+    def __len__(self):
+        return len(self.items)
+
+    def load(self, i):
+        """Read item i, checking the label against the image and the class list."""
+        sid, ip, lp = self.items[i]
+        img = load_image(ip)
+        if not lp.is_file():
+            raise UserError(f"{lp}: no such label file")
+        try:
+            raw = np.asarray(Image.open(lp))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise UserError(f"{lp}: not a readable label PNG ({type(e).__name__})")
+        if raw.ndim != 2 or raw.shape != img.shape[:2]:
+            raise UserError(f"{lp}: label {raw.shape} does not match image {img.shape[:2]}")
+        valid = raw[raw != 255]
+        if valid.size and int(valid.max()) >= self.num_raw:
+            raise UserError(f"{lp}: label value {int(valid.max())}, but {self.name} has {self.num_raw} raw classes")
+        return {"image": img, "label": self.lut[raw], "id": sid}
+
+    def __getitem__(self, i):
+        for j in range(len(self)):
+            try:
+                return self.load((i + j) % len(self))
+            except UserError as e:
+                if self.on_bad_file == "stop":
+                    raise
+                if str(e) not in self.bad:
+                    self.bad.append(str(e))
+                    warnings.warn(f"skipping bad file ({len(self.bad)} so far): {e}")
+        raise UserError(f"--dataset {self.name}: no readable item at all")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training samples (method.md section 5): two augmented views, their geometry, the teacher's
+# un-augmented source and superpixel regions. Geometry is a box in normalised source coordinates
+# (y0, x0, y1, x1) in [0, 1] plus a flip, so it warps maps of any resolution.
+# ----------------------------------------------------------------------------------------------
+def random_box(g, aspect, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random-resized-crop box (y0, x0, y1, x1) in [0, 1] for a source of aspect W/H.
+    The paper fixes the 336 crop only; the scale and ratio ranges are torchvision's usual ones
+    except the smallest scale, 0.25 not 0.08, so a view keeps enough context for CLIP [choice]."""
+    for _ in range(10):
+        area = float(torch.empty(1).uniform_(*scale, generator=g))
+        r = math.exp(float(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)))
+        h, w = math.sqrt(area * aspect / r), math.sqrt(area * r / aspect)  # fractions of H and of W
+        if h <= 1 and w <= 1:
+            y0 = float(torch.rand(1, generator=g)) * (1 - h)
+            x0 = float(torch.rand(1, generator=g)) * (1 - w)
+            return (y0, x0, y0 + h, x0 + w)
+    return (0.0, 0.0, 1.0, 1.0)
+
+
+def warp(maps, boxes, flips, size, mode="bilinear", pad=0.0):
+    """Resample maps computed on the whole source onto views: view pixel (i, j) reads the source at
+    the matching point of its box (pixel centres, align_corners=False), mirrored when flipped.
+    maps (B, C, h, w) float, boxes (B, 4) (y0, x0, y1, x1) in [0, 1], flips (B,) bool, size (S_h, S_w).
+    mode "bilinear" for features, "nearest" for region ids; outside the source reads `pad`.
+    Returns (B, C, S_h, S_w)."""
+    B = maps.shape[0]
+    boxes = torch.as_tensor(boxes, dtype=torch.float32, device=maps.device).view(B, 4)
+    y0, x0, y1, x1 = boxes.unbind(1)
+    sx = torch.where(torch.as_tensor(flips, device=maps.device).view(B), -(x1 - x0), x1 - x0)
+    cx = (x0 + x1) - 1  # box centre in grid units [-1, 1]
+    theta = torch.zeros(B, 2, 3, device=maps.device)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, cx
+    theta[:, 1, 1], theta[:, 1, 2] = y1 - y0, (y0 + y1) - 1
+    grid = F.affine_grid(theta, (B, maps.shape[1], *size), align_corners=False)  # (B, S_h, S_w, 2)
+    out = F.grid_sample(maps - pad, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out + pad
+
+
+def colour_jitter(x, g, strength=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2):
+    """SimCLR-style photometric augmentation of one view, drawn from generator g [choice: SimCLR's
+    strengths; the paper does not list its augmentations]. x (3, S, S) in [0, 1]."""
+    import torchvision.transforms.v2.functional as TF
+    u = torch.rand(7, generator=g)
+    if u[0] < p_jitter:
+        b, c, s, h = strength
+        x = TF.adjust_brightness(x, 1 + b * (2 * float(u[1]) - 1))
+        x = TF.adjust_contrast(x, 1 + c * (2 * float(u[2]) - 1))
+        x = TF.adjust_saturation(x, 1 + s * (2 * float(u[3]) - 1))
+        x = TF.adjust_hue(x, h * (2 * float(u[4]) - 1))
+    if u[5] < p_gray:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    return x.clamp(0, 1)
+
+
+def superpixels(img, n_segments=64, compactness=10.0, cache_file=None):
+    """SLIC superpixels of the source (scikit-image) [choice: SLIC, about 64 per image], cached on
+    disk as a 16-bit PNG so later epochs reuse them. img (H, W, 3) uint8 -> (H, W) int64 ids from 0."""
+    if cache_file is not None and Path(cache_file).is_file():
+        return np.asarray(Image.open(cache_file)).astype(np.int64)
+    from skimage.segmentation import slic
+    seg = slic(img, n_segments=n_segments, compactness=compactness, start_label=0, channel_axis=-1)
+    if cache_file is not None:
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(Image.fromarray(seg.astype(np.uint16)), cache_file)
+    return seg.astype(np.int64)
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Training samples of CLIP-S4 from a SegDataset (labels are never used for training):
+        views   (V=2, 3, S, S) float in [0, 1]: random resized crop, flip, colour jitter, grayscale
+        boxes   (V, 4) float, flips (V,) bool: each view's geometry in the source
+        source  (3, h, w) float in [0, 1]: the un-augmented image for the CLIP teacher, short side
+                `teacher_side`, sides multiples of `stride`
+        regions (V, S, S) long: superpixel ids warped onto each view (nearest), -1 = outside
+    Deterministic under `seed`: sample i of epoch e uses its own generator, whatever the workers."""
+
+    def __init__(self, base, crop_size=336, teacher_side=448, stride=16, max_side=1344, n_segments=64,
+                 cache_dir=None, seed=0):
+        self.base, self.crop, self.teacher_side, self.stride, self.max_side = base, crop_size, teacher_side, stride, max_side
+        self.n_segments, self.cache_dir, self.seed, self.epoch = n_segments, cache_dir, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % 2 ** 62)
+        item = self.base[i]
+        img = item["image"]
+        H, W = img.shape[:2]
+        cache = Path(self.cache_dir) / f"{item['id']}_slic{self.n_segments}.png" if self.cache_dir else None
+        seg = torch.from_numpy(superpixels(img, self.n_segments, cache_file=cache)).float()[None, None]  # (1, 1, H, W)
+        src = image_tensor(img)  # (1, 3, H, W)
+        boxes = torch.tensor([random_box(g, W / H) for _ in range(2)])  # (V, 4)
+        flips = torch.rand(2, generator=g) < 0.5
+        size = (self.crop, self.crop)
+        views = warp(src.expand(2, -1, -1, -1), boxes, flips, size)  # (V, 3, S, S)
+        views = torch.stack([colour_jitter(v, g) for v in views])
+        regions = warp(seg.expand(2, -1, -1, -1), boxes, flips, size, mode="nearest", pad=-1.0)
+        return {"views": views, "boxes": boxes, "flips": flips, "regions": regions[:, 0].long(),
+                "source": resize_for_teacher(src, self.teacher_side, self.stride, self.max_side)[0],
+                "id": item["id"]}
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Evaluation samples: the image resized to short side `side` (512; 520 for Context in MaskCLIP's
+    protocol), sides multiples of `stride`, as (3, h, w) float in [0, 1]; the label at original size."""
+
+    def __init__(self, base, side=512, stride=16, max_side=2048):
+        self.base, self.side, self.stride, self.max_side = base, side, stride, max_side
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = self.base[i]
+        x = resize_for_teacher(image_tensor(item["image"]), self.side, self.stride, self.max_side)[0]
+        return {"image": x, "label": torch.from_numpy(item["label"]).long(), "id": item["id"]}
+
+
+def collate(items):
+    """Batch dicts: tensors of one shape are stacked, anything else (variable sizes, ids) kept as lists."""
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        same = all(torch.is_tensor(v) and v.shape == vals[0].shape for v in vals)
+        out[k] = torch.stack(vals) if same else vals
+    return out

@@ -270,7 +270,7 @@ def parse_class_names(names):
 
 
 @torch.no_grad()
-def encode_text_fast(clip, tokens, batch_size=512):
+def encode_text_fast(clip, tokens, batch_size=128):
     """clip.encode_text, unnormalised, without the padding work. A causal text transformer never lets
     a token see the ones after it, and CLIP reads the sentence at its end-of-text token, so cutting
     each prompt at its own length gives the same output. Prompts are grouped by length so no batch
@@ -334,7 +334,7 @@ class MaskCLIP(nn.Module):
         return F.normalize(feats.float(), dim=1), (keys.float() if keys is not None else None)
 
     @torch.no_grad()
-    def text_prototypes(self, class_names, templates=None, cache_dir=CACHE_DIR, batch_size=512):
+    def text_prototypes(self, class_names, templates=None, cache_dir=CACHE_DIR, batch_size=128):
         """One unit vector per class synonym: the normalised mean of its normalised template embeddings.
         Args:
             class_names: list of names, each may hold ';'-separated synonyms.

@@ -26,3 +26,12 @@ def write_config(folder, name, cfg):
 def tiny_configs(tmp_path_factory):
     d = tmp_path_factory.mktemp("configs")
     return {"vit": write_config(d, "tiny-vit", TINY_VIT), "rn": write_config(d, "tiny-rn", TINY_RN)}
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """The micro toy world (python toy.py --tiny): dataset folder, tiny CLIP config and weights."""
+    import toy
+    root = tmp_path_factory.mktemp("toy")
+    result = toy.main(toy.get_args(["--tiny", "--out-dir", str(root)]))
+    return root, result

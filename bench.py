@@ -1,0 +1,125 @@
+"""bench.py: speed and memory of the stages, for the README. Numbers are measured, never asserted.
+
+    python bench.py dense       # MaskCLIP dense features vs a plain encode_image (RN50, ViT-B-16, 448 px)
+    python bench.py text        # text prototypes: 171 COCO-Stuff names, fast path (--plain: 21 VOC names, both paths)
+    python bench.py segment     # segment.py on a 512x384 and a 6000x4000 image: time split and peak memory
+    python bench.py toy         # toy.py default world, wall time
+
+All use random CLIP weights (the cost of a forward does not depend on the values) and print one
+markdown table row per measurement. `--device cuda` times on a GPU where there is one.
+"""
+import argparse
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from data import COCOSTUFF_CLASSES, VOC_CLASSES
+from model import MaskCLIP, encode_text_fast, read_templates
+
+
+def timed(fn, repeats, device):
+    """Median wall time of fn() in ms after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_dense(args, device):
+    print("| model | input | encode_image ms | MaskCLIP dense ms | dense / encode_image |")
+    print("|---|---|---|---|---|")
+    for name in ("RN50", "ViT-B-16"):
+        clip = open_clip.create_model(name, force_image_size=args.size, pretrained_text=False).eval().to(device)
+        teacher = MaskCLIP(clip, {"name": name, "pretrained": "none", "weights": None, "quick_gelu": False})
+        x = torch.rand(args.batch, 3, args.size, args.size, device=device)
+        xn = (x - teacher.mean) / teacher.std
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            t_enc = timed(lambda: clip.encode_image(xn), args.repeats, device)
+        t_dense = timed(lambda: teacher.dense(x), args.repeats, device)
+        print(f"| {name} | {args.batch}x{args.size}x{args.size} | {t_enc:.0f} | {t_dense:.0f} | {t_dense / t_enc:.2f}x |")
+
+
+@torch.no_grad()
+def bench_text(args, device):
+    clip = open_clip.create_model("ViT-B-16", pretrained_text=False).eval().to(device)
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    templates = read_templates()
+    print("| classes | prompts | path | seconds | max abs diff to plain |")
+    print("|---|---|---|---|---|")
+    sets = [("VOC", VOC_CLASSES + ["background"])] if args.plain else []
+    sets.append(("COCO-Stuff", COCOSTUFF_CLASSES))
+    for label, names in sets:
+        tokens = tok([t.format(c) for c in names for t in templates]).to(device)
+        t = time.perf_counter()
+        fast = encode_text_fast(clip, tokens)
+        t_fast = time.perf_counter() - t
+        diff = "-"
+        if args.plain:
+            t = time.perf_counter()
+            plain = torch.cat([clip.encode_text(c) for c in tokens.split(128)])
+            print(f"| {label} {len(names)} | {len(tokens)} | plain encode_text | {time.perf_counter() - t:.1f} | 0 |")
+            diff = f"{(fast - plain).abs().max().item():.1e}"
+        print(f"| {label} {len(names)} | {len(tokens)} | length-grouped (ours) | {t_fast:.1f} | {diff} |")
+
+
+def bench_segment(args, device):
+    """segment.py as a user runs it, in a child process; its printed split and the child's peak RSS."""
+    print("| image | model build s | text prototypes s | forward + save ms | peak RSS GiB |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as d:
+        for w, h in ((512, 384), (6000, 4000)):
+            f = Path(d) / f"img_{w}x{h}.jpg"
+            Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(f)
+            cmd = [sys.executable, "segment.py", str(f), "--classes", "sky", "grass", "egg", "--clip-pretrained",
+                   "none", "--cache-dir", "", "--out-dir", str(Path(d) / "out"), "--device", args.device]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            build, text = re.search(r"model build ([\d.]+) s \| text prototypes ([\d.]+) s", out).groups()
+            fwd = re.search(rf"{f.name} \(\d+x\d+\) (\d+) ms", out).group(1)
+            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # KiB -> GiB, max so far
+            print(f"| {w}x{h} | {build} | {text} | {fwd} | {rss:.2f} |")
+
+
+def bench_toy(args, device):
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "toy.py", "--out-dir", d], capture_output=True, text=True,
+                             check=True).stdout
+        print(out.strip().splitlines()[-4:])
+        print(f"| toy.py (default) | {time.perf_counter() - t:.0f} s |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["dense", "text", "segment", "toy"])
+    p.add_argument("--size", type=int, default=448, help="dense: input side in pixels")
+    p.add_argument("--batch", type=int, default=1, help="dense: images per forward")
+    p.add_argument("--repeats", type=int, default=5, help="dense: timed repeats (median reported)")
+    p.add_argument("--plain", action="store_true", help="text: also time plain encode_text (slow on CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    print(f"bench {args.what} | {torch.get_num_threads()} threads | device {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+    {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "toy": bench_toy}[args.what](args, device)
+
+
+if __name__ == "__main__":
+    main()

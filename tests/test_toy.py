@@ -1,0 +1,61 @@
+"""The toy world: deterministic scenes, captions that tell the truth, a micro CLIP that learns and
+loads back through the same path as any user checkpoint."""
+import numpy as np
+import pytest
+import torch
+
+import data
+import model as M
+import segment
+import toy
+
+
+def test_scenes_are_deterministic():
+    a = toy.make_scene(np.random.default_rng([7, 0, 3]), 64, closeup=0.3)
+    b = toy.make_scene(np.random.default_rng([7, 0, 3]), 64, closeup=0.3)
+    c = toy.make_scene(np.random.default_rng([7, 0, 4]), 64, closeup=0.3)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_captions_name_only_what_is_there():
+    named_counts = {}
+    for i in range(300):
+        img, lab, caption, named = toy.make_scene(np.random.default_rng([0, 0, i]), 64, closeup=0.3)
+        assert img.shape == (64, 64, 3) and lab.shape == (64, 64) and named
+        present = set(np.unique(lab[lab != data.IGNORE]).tolist())
+        assert present <= set(range(len(toy.CLASSES)))
+        for name in named:
+            assert toy.CLASSES.index(name) in present, (caption, name)
+            assert name in caption
+            named_counts[name] = named_counts.get(name, 0) + 1
+    assert set(named_counts) == set(toy.CLASSES)  # every class gets named somewhere
+
+
+def test_world_folder_reads_as_toy_and_as_folder(toy_world):
+    root, _ = toy_world
+    val = data.SegDataset("toy", root, "val")
+    train = data.SegDataset("folder", root, "train")
+    assert len(val) == 32 and len(train) == 96 and val.classes == toy.CLASSES
+    item = val[0]
+    assert item["image"].shape == (64, 64, 3) and item["label"].shape == (64, 64)
+    assert set(np.unique(item["label"])) <= set(range(len(toy.CLASSES))) | {data.IGNORE}
+
+
+def test_micro_clip_learns_and_loads_like_any_checkpoint(toy_world):
+    root, result = toy_world
+    losses = result["losses"]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2
+    clip, info = M.load_clip(pretrained=str(root / "toyclip.pt"), config=root / "toyclip.json")
+    saved = torch.load(root / "toyclip.pt", weights_only=True)
+    torch.testing.assert_close(clip.visual.proj, saved["visual.proj"])
+    assert 0 <= result["maskclip"]["mIoU"] <= 100
+
+
+def test_segment_on_a_toy_image(toy_world, tmp_path, capsys):
+    root, _ = toy_world
+    segment.main(segment.get_args([str(root / "JPEGImages" / "val_0000.png"), "--classes", *toy.CLASSES[:4],
+                                   "--clip-config", str(root / "toyclip.json"), "--clip-pretrained",
+                                   str(root / "toyclip.pt"), "--size", "64", "--out-dir", str(tmp_path),
+                                   "--cache-dir", ""]))
+    assert (tmp_path / "val_0000_labels.png").is_file() and "val_0000.png" in capsys.readouterr().out
