@@ -3,6 +3,7 @@
     python bench.py dense       # MaskCLIP dense features vs a plain encode_image (RN50, ViT-B-16, 448 px)
     python bench.py text        # text prototypes: 171 COCO-Stuff names, fast path (--plain: 21 VOC names, both paths)
     python bench.py segment     # segment.py on a 512x384 and a 6000x4000 image: time split and peak memory
+    python bench.py data        # training samples/s at 336 crops, 0 and 2 workers; superpixel cost
     python bench.py toy         # toy.py default world, wall time
 
 All use random CLIP weights (the cost of a forward does not depend on the values) and print one
@@ -23,7 +24,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from data import COCOSTUFF_CLASSES, VOC_CLASSES
+from data import COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, superpixels
 from model import MaskCLIP, encode_text_fast, read_templates
 
 
@@ -97,6 +98,40 @@ def bench_segment(args, device):
             print(f"| {w}x{h} | {build} | {text} | {fwd} | {rss:.2f} |")
 
 
+def bench_data(args, device):
+    """The training pipeline on VOC-sized images (500 x 375): superpixels per image, then samples/s
+    with 0 and 2 workers, first epoch (SLIC computed) and later epochs (SLIC read from the cache)."""
+    from torch.utils.data import DataLoader
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d) / "ds"
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (root / sub).mkdir(parents=True)
+        ids = [f"im{i}" for i in range(args.images)]
+        for i in ids:  # smooth random photos: low-frequency colour fields plus grain
+            small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+            img = np.clip(np.asarray(small, np.int16) + rng.integers(-12, 12, (375, 500, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg")
+            Image.fromarray(np.zeros((375, 500), np.uint8)).save(root / "SegmentationClass" / f"{i}.png")
+        (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids))
+        (root / "classes.txt").write_text("thing\n")
+        base = SegDataset("folder", root, "train")
+        t = time.perf_counter()
+        for i in range(len(base)):
+            superpixels(base[i]["image"])
+        print(f"| SLIC superpixels (64) per 500x375 image | {1000 * (time.perf_counter() - t) / len(base):.0f} ms |")
+        print("| workers | epoch | samples/s (336 crops, 2 views, teacher source 448) |")
+        print("|---|---|---|")
+        for workers in (0, 2):
+            tv = TwoViews(base, crop_size=336, teacher_side=448, stride=16, cache_dir=Path(d) / f"slic{workers}")
+            loader = DataLoader(tv, batch_size=8, num_workers=workers, collate_fn=collate)
+            for epoch, label in ((0, "first (SLIC computed)"), (1, "later (SLIC cached)")):
+                tv.set_epoch(epoch)
+                t = time.perf_counter()
+                n = sum(len(b["id"]) for b in loader)
+                print(f"| {workers} | {label} | {n / (time.perf_counter() - t):.1f} |")
+
+
 def bench_toy(args, device):
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
@@ -108,7 +143,8 @@ def bench_toy(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dense", "text", "segment", "toy"])
+    p.add_argument("what", choices=["dense", "text", "segment", "data", "toy"])
+    p.add_argument("--images", type=int, default=48, help="data: synthetic 500x375 images in the pipeline")
     p.add_argument("--size", type=int, default=448, help="dense: input side in pixels")
     p.add_argument("--batch", type=int, default=1, help="dense: images per forward")
     p.add_argument("--repeats", type=int, default=5, help="dense: timed repeats (median reported)")
@@ -118,7 +154,8 @@ def main():
     device = torch.device(args.device)
     print(f"bench {args.what} | {torch.get_num_threads()} threads | device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
-    {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "toy": bench_toy}[args.what](args, device)
+    {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "data": bench_data,
+     "toy": bench_toy}[args.what](args, device)
 
 
 if __name__ == "__main__":

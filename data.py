@@ -6,7 +6,7 @@ Public API:
     UserError                      -> an expected failure (bad file, bad flag): scripts print one line
     load_image(path)               -> (H, W, 3) uint8 RGB, EXIF-rotated, any PIL mode
     image_tensor(img)              -> (1, 3, H, W) float in [0, 1]
-    resize_for_teacher(x, ...)     -> the teacher's input: short side fixed, multiple of its stride
+    resize_for_teacher(img, ...)   -> the teacher's input: short side fixed, multiple of its stride
     palette(n), save_label_png()   -> colours and palette PNG label maps
 """
 import math
@@ -82,10 +82,13 @@ def teacher_size(H, W, short_side, stride, max_long_side):
     return (max(stride, round(H * scale / stride) * stride), max(stride, round(W * scale / stride) * stride))
 
 
-def resize_for_teacher(x, short_side, stride, max_long_side):
-    """x (B, 3, H, W) in [0, 1] -> (B, 3, h, w) bicubic (antialiased when shrinking), clamped to [0, 1]."""
-    h, w = teacher_size(x.shape[2], x.shape[3], short_side, stride, max_long_side)
-    return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+def resize_for_teacher(img, short_side, stride, max_long_side):
+    """The teacher's input: img (H, W, 3) uint8 resized with PIL's bicubic filter (antialiased when
+    shrinking, as CLIP's own preprocessing) to teacher_size(...). Resizing the uint8 image before any
+    float conversion keeps a 6000 x 4000 photo cheap. Returns (3, h, w) float32 in [0, 1]."""
+    h, w = teacher_size(img.shape[0], img.shape[1], short_side, stride, max_long_side)
+    small = np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
+    return image_tensor(small)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,31 +139,37 @@ def resize_labels(labels, size):
 
 
 
-def draw_overlay(img, labels, names, colours, shares=None, alpha=0.5, max_side=2048):
-    """The picture a person looks at: the image tinted by its label colours, with a legend panel
-    naming each class (and its share of the image) on the right.
+def draw_overlay(img, labels, names, colours, shares=None, alpha=0.55, max_side=1600, min_side=320):
+    """The picture a person looks at: the image, the image tinted by its label colours, and a legend
+    naming each class (with its share of the image; absent classes greyed), in columns if needed.
     img (H, W, 3) uint8, labels (H, W) ints in [0, K), names K strings, colours (K, 3) uint8,
-    shares (K,) fractions or None. Returns a PIL RGB image, long side at most `max_side`."""
+    shares (K,) fractions or None. Returns a PIL RGB image; small images are enlarged (nearest)."""
     from PIL import ImageDraw, ImageFont
-    tint = (img * (1 - alpha) + colours[labels] * alpha).astype(np.uint8)  # (H, W, 3)
-    pic = Image.fromarray(tint)
-    scale = min(1.0, max_side / max(pic.size))
-    if scale < 1.0:
-        pic = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.BILINEAR)
+    H, W = labels.shape
+    scale = min(max_side / max(H, W), max(1.0, min_side / min(H, W)))
+    size = (max(1, round(W * scale)), max(1, round(H * scale)))
+    img = np.asarray(Image.fromarray(img).resize(size, Image.NEAREST if scale > 1 else Image.BILINEAR))
+    labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST))
+    tint = (img * (1 - alpha) + colours[labels] * alpha).astype(np.uint8)  # (h, w, 3) at display size
+    pics = [Image.fromarray(a) for a in (img, tint)]
     font = ImageFont.load_default(size=16)
-    rows = [f"{n}" + (f"  {100 * s:.1f}%" if shares is not None else "") for n, s in
+    rows = [n + (f"  {100 * s:.1f}%" if shares is not None else "") for n, s in
             zip(names, shares if shares is not None else [None] * len(names))]
-    row_h, pad = 24, 8
-    text_w = max(int(font.getlength(r)) for r in rows)
-    panel_w = pad * 3 + 18 + text_w
-    H = max(pic.height, pad * 2 + row_h * len(rows))
-    canvas = Image.new("RGB", (pic.width + panel_w, H), (255, 255, 255))
-    canvas.paste(pic, (0, 0))
+    row_h, pad, gap = 24, 8, 6
+    per_col = max(1, min(len(rows), (max(size[1], 240) - 2 * pad) // row_h))
+    col_w = pad + 18 + pad + max(int(font.getlength(r)) for r in rows)
+    n_cols = -(-len(rows) // per_col)
+    canvas = Image.new("RGB", (2 * size[0] + gap + n_cols * col_w + pad, max(size[1], 2 * pad + per_col * row_h)),
+                       (255, 255, 255))
+    canvas.paste(pics[0], (0, 0))
+    canvas.paste(pics[1], (size[0] + gap, 0))
     draw = ImageDraw.Draw(canvas)
     for k, r in enumerate(rows):
-        x, y = pic.width + pad, pad + k * row_h
+        x = 2 * size[0] + gap + (k // per_col) * col_w + pad
+        y = pad + (k % per_col) * row_h
+        absent = shares is not None and shares[k] == 0
         draw.rectangle([x, y + 2, x + 18, y + 20], fill=tuple(int(c) for c in colours[k]), outline=(0, 0, 0))
-        draw.text((x + 18 + pad, y + 2), r, fill=(0, 0, 0), font=font)
+        draw.text((x + 18 + pad, y + 2), r, fill=(160, 160, 160) if absent else (0, 0, 0), font=font)
     return canvas
 
 
@@ -461,7 +470,7 @@ class TwoViews(torch.utils.data.Dataset):
         views = torch.stack([colour_jitter(v, g) for v in views])
         regions = warp(seg.expand(2, -1, -1, -1), boxes, flips, size, mode="nearest", pad=-1.0)
         return {"views": views, "boxes": boxes, "flips": flips, "regions": regions[:, 0].long(),
-                "source": resize_for_teacher(src, self.teacher_side, self.stride, self.max_side)[0],
+                "source": resize_for_teacher(img, self.teacher_side, self.stride, self.max_side),
                 "id": item["id"]}
 
 
@@ -477,7 +486,7 @@ class EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = self.base[i]
-        x = resize_for_teacher(image_tensor(item["image"]), self.side, self.stride, self.max_side)[0]
+        x = resize_for_teacher(item["image"], self.side, self.stride, self.max_side)
         return {"image": x, "label": torch.from_numpy(item["label"]).long(), "id": item["id"]}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (UserError, draw_overlay, image_tensor, label_shares, list_images, load_image,
+from data import (UserError, draw_overlay, label_shares, list_images, load_image,
                   palette, resize_for_teacher, resize_labels, save_label_png, atomic_save)
 from model import (MaskCLIP, class_scores, key_smoothing, load_clip, parse_class_names,
                    prompt_denoising, CACHE_DIR)
@@ -64,7 +64,7 @@ def pick_device(name):
 @torch.no_grad()
 def segment_image(teacher, img, protos, owner, num_classes, args):
     """img (H, W, 3) uint8 -> labels (H, W) uint8, class indices in [0, K)."""
-    x = resize_for_teacher(image_tensor(img), args.size, teacher.stride, args.max_side)  # (1, 3, h', w')
+    x = resize_for_teacher(img, args.size, teacher.stride, args.max_side)[None]  # (1, 3, h', w')
     feats, keys = teacher.dense(x, with_keys=args.key_smoothing)  # (1, D, h, w)
     scores = class_scores(feats, protos, owner, num_classes)  # (1, K, h, w)
     if args.prompt_denoising:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import (IGNORE, UserError, atomic_save, confusion_matrix, image_tensor, load_image,
+from data import (IGNORE, UserError, confusion_matrix, load_image,
                   segmentation_metrics)
 from model import MaskCLIP, load_clip
 

@@ -1,7 +1,6 @@
 """The toy world: deterministic scenes, captions that tell the truth, a micro CLIP that learns and
 loads back through the same path as any user checkpoint."""
 import numpy as np
-import pytest
 import torch
 
 import data
