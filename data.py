@@ -72,7 +72,7 @@ def list_images(paths):
 
 def image_tensor(img):
     """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255.0)  # HWC -> (1, 3, H, W)
+    return torch.tensor(img).permute(2, 0, 1)[None].float().div(255.0)  # HWC -> (1, 3, H, W)
 
 
 def teacher_size(H, W, short_side, stride, max_long_side):
@@ -474,11 +474,16 @@ class TwoViews(torch.utils.data.Dataset):
                 "id": item["id"]}
 
 
-class EvalImages(torch.utils.data.Dataset):
-    """Evaluation samples: the image resized to short side `side` (512; 520 for Context in MaskCLIP's
-    protocol), sides multiples of `stride`, as (3, h, w) float in [0, 1]; the label at original size."""
+EVAL_SIDE = {"voc": 512, "context": 520, "cocostuff": 512}  # MaskCLIP's test short sides
 
-    def __init__(self, base, side=512, stride=16, max_side=2048):
+
+class EvalImages(torch.utils.data.Dataset):
+    """Evaluation samples: the image resized to short side `side` (default EVAL_SIDE of the dataset:
+    512, 520 for Context), sides multiples of `stride`, as (3, h, w) float in [0, 1]; the label at
+    original size (H, W) long, 255 = ignore."""
+
+    def __init__(self, base, side=None, stride=16, max_side=2048):
+        side = side or EVAL_SIDE.get(base.name, 512)
         self.base, self.side, self.stride, self.max_side = base, side, stride, max_side
 
     def __len__(self):

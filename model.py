@@ -406,3 +406,98 @@ def key_smoothing(scores, keys, thresh=1.0, scale=100.0):
     smoothed = prob @ (k.transpose(1, 2) @ k)  # (B, K, h*w) @ (B, h*w, h*w) -> (B, K, h*w)
     low = prob.amax(dim=1, keepdim=True) < thresh  # (B, 1, h*w)
     return torch.where(low, smoothed, prob).view(B, K, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pixel-embedding network f (method.md section 4)
+# ----------------------------------------------------------------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def dilated_resnet(name, weights="auto"):
+    """A torchvision ResNet trunk at output stride 8: layer3 and layer4 keep their resolution and
+    dilate their 3x3 convolutions by 2 and 4 instead. torchvision's BasicBlock (resnet18) refuses
+    `replace_stride_with_dilation`, so there the strides and dilations are set by hand.
+    weights: 'auto' = torchvision's ImageNet weights when already in the torch cache (random init with
+    a warning otherwise, nothing is downloaded), 'none', or a path to a state dict."""
+    import warnings
+    import torchvision
+    ctor = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
+            "resnet101": torchvision.models.resnet101}
+    if name not in ctor:
+        raise UserError(f"--backbone {name}: choose from {', '.join(ctor)}")
+    bottleneck = name != "resnet18"
+    net = ctor[name](weights=None, replace_stride_with_dilation=[False, True, True] if bottleneck else None)
+    if not bottleneck:
+        for layer, d in ((net.layer3, 2), (net.layer4, 4)):
+            for i, block in enumerate(layer):
+                if i == 0:
+                    block.conv1.stride, block.downsample[0].stride = (1, 1), (1, 1)
+                for conv in (block.conv1, block.conv2):
+                    conv.dilation, conv.padding = (d, d), (d, d)
+    if weights == "auto":
+        enum = {"resnet18": torchvision.models.ResNet18_Weights, "resnet50": torchvision.models.ResNet50_Weights,
+                "resnet101": torchvision.models.ResNet101_Weights}[name].IMAGENET1K_V1
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+        if cached.is_file():
+            weights = str(cached)
+        else:
+            warnings.warn(f"no ImageNet weights for {name} at {cached}: random init "
+                          f"(pass --backbone-weights PATH, or download them once with torchvision)")
+    if weights not in ("auto", "none", None):
+        if not os.path.isfile(weights):
+            raise UserError(f"--backbone-weights {weights}: no such file")
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+        if [k for k in missing if not k.startswith("fc.")] or unexpected:
+            raise UserError(f"--backbone-weights {weights} does not fit {name}")
+    net.fc = nn.Identity()
+    return net, (512 if not bottleneck else 2048)
+
+
+class PixelEmbedder(nn.Module):
+    """f: image -> one unit vector per pixel (stride 8) in CLIP's joint space. DeepLab-v2 style, as
+    MaskCLIP+'s target network: dilated ResNet, ASPP (four 3x3 convs, rates 6/12/18/24, summed),
+    then a projection head (1x1 conv, BN, ReLU, 1x1 conv to D) and L2 normalisation. The paper shows
+    only "an encoder that maps images to pixel embeddings"; this backbone is our choice (--backbone)."""
+
+    def __init__(self, dim, backbone="resnet101", weights="auto", hidden=512, rates=(6, 12, 18, 24)):
+        super().__init__()
+        self.trunk, c = dilated_resnet(backbone, weights)
+        self.aspp = nn.ModuleList(nn.Conv2d(c, hidden, 3, padding=r, dilation=r) for r in rates)
+        self.head = nn.Sequential(nn.Conv2d(hidden, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                                  nn.Conv2d(hidden, dim, 1))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.stride = 8
+
+    def head_parameters(self):
+        """The newly initialised layers (ASPP and projection head), trained with a 10x learning rate."""
+        return list(self.aspp.parameters()) + list(self.head.parameters())
+
+    def forward(self, images):
+        """images (B, 3, H, W) float RGB in [0, 1] -> (B, D, H/8, W/8) unit vectors along D."""
+        t = self.trunk
+        x = (images - self.mean) / self.std
+        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
+        x = t.layer4(t.layer3(t.layer2(t.layer1(x))))  # (B, C, H/8, W/8)
+        x = sum(conv(x) for conv in self.aspp)  # (B, hidden, H/8, W/8)
+        return F.normalize(self.head(x), dim=1)  # (B, D, H/8, W/8)
+
+
+def load_run(path, device="cpu"):
+    """Rebuild a trained run from its checkpoint: (f in eval mode, the frozen teacher it was trained
+    with, the checkpoint dict). The checkpoint records its CLIP, so no CLIP flags are needed again."""
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint {path}: no such file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--checkpoint {path}: cannot read it ({type(e).__name__})")
+    if not isinstance(ck, dict) or "model" not in ck or "args" not in ck:
+        raise UserError(f"--checkpoint {path}: not a train.py checkpoint")
+    a = ck["args"]
+    clip, info = load_clip(a["clip"], a["clip_pretrained"], a.get("clip_config"), a.get("quick_gelu", "auto"), device)
+    f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"])
+    f.load_state_dict(ck["model"])
+    return f.to(device).eval(), MaskCLIP(clip, info).to(device), ck

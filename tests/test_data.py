@@ -172,3 +172,10 @@ def test_two_views_sample_and_superpixel_cache(tmp_path, monkeypatch):
     assert not torch.equal(tv[0]["boxes"], s["boxes"])  # a new epoch draws new views
     batch = data.collate([tv[0], s1])
     assert batch["views"].shape == (2, 2, 3, 32, 32) and isinstance(batch["id"], list)
+
+
+def test_eval_images_sizes(tmp_path):
+    make_folder(tmp_path, [np.zeros((30, 50), np.uint8)])
+    ev = data.EvalImages(data.SegDataset("folder", tmp_path, "val"), side=64, stride=16)
+    item = ev[0]
+    assert item["image"].shape == (3, 64, 112) and item["label"].shape == (30, 50)

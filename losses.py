@@ -1,0 +1,187 @@
+"""Segments and the losses of CLIP-S4 (method.md sections 6-8), plus MaskCLIP+'s pseudo-label loss.
+
+Notation used in shape comments:
+    B images, V = 2 views, BV = B*V view maps, D joint dimension, h x w feature grid, N = h*w,
+    C = D + 2 clustering channels, k k-means clusters per view, P pixels, S segments in the batch,
+    K known classes, M unknown prototypes.
+"""
+from collections import namedtuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Segments = namedtuple("Segments", "ids count image region")
+Segments.__doc__ = """ids (BV, h, w) long in [0, S) or -1 outside the image; count S; image (S,) the
+source image of each segment; region (S,) its superpixel id."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Segments (SegSort / HSG): spherical k-means on embedding + position, intersected with regions
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def kmeans_segments(z, regions, views=2, grid=(4, 4), iters=10, lam=1.0):
+    """Cluster each view map by spherical k-means on normalise([z_p ; lam * (y, x)]), starting from a
+    regular grid of gh x gw cells; a segment is a (cluster, region) pair. No gradient.
+    Args:
+        z: (BV, D, h, w) unit pixel embeddings, views of one image consecutive (index b*V + v).
+        regions: (BV, h, w) long superpixel ids of the source, -1 outside the image.
+        grid, iters, lam: clusters per view (grid), k-means iterations, weight of the position.
+    Returns:
+        Segments(ids, count, image, region)."""
+    BV, D, h, w = z.shape
+    gh, gw = grid
+    ys = torch.linspace(-1, 1, h, device=z.device).view(h, 1).expand(h, w)
+    xs = torch.linspace(-1, 1, w, device=z.device).view(1, w).expand(h, w)
+    pos = torch.stack([ys, xs]).expand(BV, 2, h, w)
+    feat = F.normalize(torch.cat([z.float(), lam * pos], dim=1).flatten(2), dim=1)  # (BV, C, N)
+    cell_y = torch.arange(h, device=z.device) * gh // h
+    cell_x = torch.arange(w, device=z.device) * gw // w
+    assign = (cell_y.view(h, 1) * gw + cell_x.view(1, w)).flatten().expand(BV, -1)  # (BV, N)
+    for _ in range(iters):
+        onehot = F.one_hot(assign, gh * gw).float()  # (BV, N, k)
+        centroids = F.normalize(feat @ onehot, dim=1)  # (BV, C, N) @ (BV, N, k) -> (BV, C, k)
+        assign = (centroids.transpose(1, 2) @ feat).argmax(dim=1)  # (BV, k, N) -> (BV, N)
+    reg = regions.flatten(1)  # (BV, N)
+    n_reg = int(reg.max()) + 1
+    view = torch.arange(BV, device=z.device).view(BV, 1)
+    key = (view * (gh * gw) + assign) * n_reg + reg  # unique per (view, cluster, region)
+    valid = reg >= 0
+    uniq, inv = torch.unique(key[valid], return_inverse=True)
+    ids = torch.full_like(reg, -1)
+    ids[valid] = inv
+    return Segments(ids.view(BV, h, w), len(uniq), uniq // n_reg // (gh * gw) // views, uniq % n_reg)
+
+
+def segment_means(x, seg):
+    """Normalised mean of x over each segment (with gradient): x (BV, D, h, w) -> (S, D)."""
+    D = x.shape[1]
+    flat = x.permute(0, 2, 3, 1).reshape(-1, D)  # (BV*h*w, D)
+    ids = seg.ids.reshape(-1)
+    keep = ids >= 0
+    sums = flat.new_zeros(seg.count, D).index_add_(0, ids[keep], flat[keep])
+    return F.normalize(sums, dim=1)
+
+
+def pixel_sample(seg, max_pixels, generator=None):
+    """Indices of valid pixels (into the flattened BV*h*w grid), at most max_pixels of them."""
+    idx = (seg.ids.reshape(-1) >= 0).nonzero().squeeze(1)
+    if max_pixels and len(idx) > max_pixels:
+        idx = idx[torch.randperm(len(idx), generator=generator, device=idx.device)[:max_pixels]]
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# L_c: pixel-segment contrastive (paper; SegSort)
+# ----------------------------------------------------------------------------------------------
+def pixel_segment_contrastive(z, seg, regions, pix, kappa=10.0, views=2):
+    """L_c = mean_p -log( sum_{s in S+(p)} exp(kappa cos(z_p, z_s)) / sum_{s} exp(kappa cos(z_p, z_s)) ).
+    S+(p): the segments of either view of p's image that lie in p's superpixel; the denominator runs
+    over every segment of the batch (the others are the negatives).
+    z (BV, D, h, w) unit, seg Segments, regions (BV, h, w), pix (P,) flat pixel indices."""
+    BV, D, h, w = z.shape
+    zp = z.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
+    zs = segment_means(z, seg)  # (S, D)
+    logits = kappa * zp @ zs.T  # (P, S)
+    p_image = pix // (h * w) // views
+    p_region = regions.reshape(-1)[pix]
+    pos = (p_image[:, None] == seg.image[None]) & (p_region[:, None] == seg.region[None])  # (P, S)
+    num = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - num).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# L_e: embedding consistency with CLIP's dense map, at segment level (paper)
+# ----------------------------------------------------------------------------------------------
+def embedding_consistency(zs, cs, kappa=10.0, form="nce"):
+    """Pull each segment embedding z_s toward CLIP's embedding c_s of the same segment.
+    form "nce" [choice, default]: InfoNCE over the batch's segments,
+        L_e = mean_s -log( exp(kappa cos(z_s, c_s)) / sum_{s'} exp(kappa cos(z_s, c_s')) );
+    form "cos": L_e = mean_s 1 - cos(z_s, c_s). c_s carries no gradient. zs, cs (S, D) unit."""
+    cs = cs.detach()
+    if form == "cos":
+        return (1 - (zs * cs).sum(dim=1)).mean()
+    logits = kappa * zs @ cs.T  # (S, S)
+    return F.cross_entropy(logits, torch.arange(len(zs), device=zs.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# L_s: semantic consistency over known text prototypes and learned unknown prototypes
+# ----------------------------------------------------------------------------------------------
+def semantic_consistency(z, seg, pix, targets, prototypes, kappa):
+    """L_s = mean_p CE( kappa cos(z_p, P_j) over j, y_{s(p)} ): our per-pixel prediction over the target
+    prototypes P = [T; U'] agrees with CLIP's label y_s of the pixel's segment. Segments with target
+    -1 are left out. z (BV, D, h, w) unit, pix (P,), targets (S,) long, prototypes (K+M, D) unit."""
+    D = z.shape[1]
+    zp = z.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
+    y = targets[seg.ids.reshape(-1)[pix]]  # (P,)
+    logits = kappa * zp @ prototypes.T.to(zp.dtype)  # (P, K+M)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, ignore_index=-1)
+
+
+class UnknownPrototypes(nn.Module):
+    """M prototypes for what the known names do not cover, learned by online clustering of CLIP's
+    segment embeddings (method.md section 8; the paper says only "learned by clustering").
+    CLIP's image embeddings sit far from its text embeddings (the modality gap), so prototypes are
+    clustered in image space and shifted across the gap before they compete with text prototypes:
+    u'_m = normalise(u_m - mean_img + mean_txt)."""
+
+    def __init__(self, num, dim, momentum=0.99, tau=0.5, scale=100.0, dead_after=200):
+        super().__init__()
+        self.momentum, self.tau, self.scale, self.dead_after = momentum, tau, scale, dead_after
+        self.register_buffer("protos", torch.zeros(num, dim))  # (M, D) image-space unit vectors
+        self.register_buffer("idle", torch.zeros(num, dtype=torch.long))  # steps since last assignment
+        self.register_buffer("img_mean", torch.zeros(dim))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def targets(self, cs, text):
+        """CLIP's label of each segment: a known class when CLIP's softmax over the known names (scale
+        100) reaches tau, else K + its nearest unknown prototype. cs (S, D), text (K, D) ->
+        targets (S,) long in [0, K+M), unknown (S,) bool."""
+        prob = F.softmax(self.scale * cs @ text.T, dim=1)  # (S, K)
+        conf, known = prob.max(dim=1)
+        unknown = conf < self.tau
+        if len(self.protos) == 0:
+            return torch.where(unknown, -1, known), unknown
+        nearest = (cs @ self.protos.T).argmax(dim=1) + len(text)  # (S,)
+        return torch.where(unknown, nearest, known), unknown
+
+    @torch.no_grad()
+    def update(self, cs, unknown, generator=None):
+        """One mini-batch spherical k-means step with EMA on the unknown segments' c_s; prototypes
+        idle for `dead_after` steps are re-seeded from random unknown segments; mean_img follows all c_s."""
+        m = self.momentum
+        self.img_mean.mul_(m if self.started else 0).add_(cs.mean(0), alpha=1 - m if self.started else 1)
+        cu = cs[unknown]
+        M = len(self.protos)
+        if M == 0 or len(cu) == 0:
+            return
+        if not self.started:  # seed from the first unknown segments
+            pick = torch.randint(len(cu), (M,), generator=generator, device="cpu").to(cu.device)
+            self.protos.copy_(cu[pick])
+            self.started.fill_(True)
+        assign = (cu @ self.protos.T).argmax(dim=1)  # (S_u,)
+        sums = torch.zeros_like(self.protos).index_add_(0, assign, cu)
+        hit = torch.bincount(assign, minlength=M) > 0
+        new = F.normalize(m * self.protos + (1 - m) * F.normalize(sums, dim=1), dim=1)
+        self.protos.copy_(torch.where(hit[:, None], new, self.protos))
+        self.idle.add_(1).masked_fill_(hit, 0)
+        dead = (self.idle >= self.dead_after).nonzero().squeeze(1)
+        if len(dead):
+            pick = torch.randint(len(cu), (len(dead),), generator=generator, device="cpu").to(cu.device)
+            self.protos[dead] = cu[pick]
+            self.idle[dead] = 0
+
+    def shifted(self, text):
+        """The prototypes moved across the modality gap, for comparison with text: (M, D)."""
+        return F.normalize(self.protos - self.img_mean + text.mean(0), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# MaskCLIP+ baseline: cross-entropy on pseudo-labels with the text embeddings as a fixed classifier
+# ----------------------------------------------------------------------------------------------
+def pseudo_label_loss(z, labels, text, kappa):
+    """MaskCLIP+: CE( kappa cos(z_p, T_j), label_p ) over pixels; labels (BV, h, w) long, -1 ignored."""
+    logits = kappa * torch.einsum("bdhw,kd->bkhw", z, text.to(z.dtype))  # (BV, K, h, w)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, ignore_index=-1)
