@@ -39,6 +39,7 @@ def get_args(argv=None):
     p.add_argument("--prompt-denoising", action="store_true", help="MaskCLIP refinement (teacher only)")
     # Data
     p.add_argument("--dataset", default="voc", choices=["voc", "context", "cocostuff", "folder", "toy"])
+    p.add_argument("--class-names", default=None, help="a file of class names (one per line) replacing the dataset's")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
     p.add_argument("--size", type=int, default=None, help="test short side (default 512; 520 for context)")
@@ -80,7 +81,7 @@ def main(args):
         if args.unknown_fold is not None:
             withheld += CONTEXT_FOLDS[args.unknown_fold]
     # ---- data ----
-    base = SegDataset(args.dataset, args.data_root, args.split)
+    base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names)
     data = EvalImages(base, args.size, stride)
     names = [c.split(";")[0] for c in base.classes]
     missing = [n for n in withheld if n not in names]
@@ -111,7 +112,7 @@ def main(args):
         result["known"] = subset_metrics(cm, names, [n for n in names if n not in withheld])
         result["unknown"] = subset_metrics(cm, names, withheld)
         rows += [("known", result["known"]), ("unknown", result["unknown"])]
-    print(f"\n| method | classes | mIoU | pAcc | mAcc |\n|---|---|---|---|---|")
+    print("\n| method | classes | mIoU | pAcc | mAcc |\n|---|---|---|---|---|")
     for which, m in rows:
         print(f"| {label} | {which} | {m['mIoU']:.1f} | {m['pAcc']:.1f} | {m['mAcc']:.1f} |")
     print("per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in result["per_class"].items() if v is not None))

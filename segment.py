@@ -8,6 +8,8 @@ Real CLIP (weights fetched by open_clip once, or a local file):
     python segment.py photo.jpg --classes sky grass egg
     python segment.py photos/ --classes "tv monitor;television" sofa --clip RN50
     python segment.py photo.jpg --classes sky grass --clip-pretrained ~/weights/ViT-B-16.pt
+A trained CLIP-S4 run instead of the teacher:
+    python segment.py photo.jpg --classes sky grass egg --checkpoint runs/voc_vit16/ckpt.pt
 Tiny CPU setting, seconds, no downloads (after `python toy.py`, see README):
     python segment.py data/toy/images/val_0000.png --classes sky grass water road \
         --clip-config data/toy/toyclip.json --clip-pretrained data/toy/toyclip.pt --size 64
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from data import (UserError, draw_overlay, label_shares, list_images, load_image,
                   palette, resize_for_teacher, resize_labels, save_label_png, atomic_save)
-from model import (MaskCLIP, class_scores, key_smoothing, load_clip, parse_class_names,
+from model import (MaskCLIP, class_scores, key_smoothing, load_clip, load_run, parse_class_names,
                    prompt_denoising, CACHE_DIR)
 
 
@@ -32,6 +34,8 @@ def get_args(argv=None):
     p.add_argument("--classes", nargs="*", default=None, required=True,
                    help="class names; ';' joins synonyms scored by their best match ('tv monitor;television')")
     # Model
+    p.add_argument("--checkpoint", default=None,
+                   help="a train.py checkpoint (CLIP-S4, MaskCLIP+, SegSort-only); its CLIP comes with it")
     p.add_argument("--clip", default="ViT-B-16", help="open_clip model name (ViT-B-16 or RN50 in the paper)")
     p.add_argument("--clip-pretrained", default="openai",
                    help="open_clip pretrained tag, or a local weights file (state dict fp32/fp16, or OpenAI's .pt)")
@@ -62,10 +66,11 @@ def pick_device(name):
 
 
 @torch.no_grad()
-def segment_image(teacher, img, protos, owner, num_classes, args):
-    """img (H, W, 3) uint8 -> labels (H, W) uint8, class indices in [0, K)."""
-    x = resize_for_teacher(img, args.size, teacher.stride, args.max_side)[None]  # (1, 3, h', w')
-    feats, keys = teacher.dense(x, with_keys=args.key_smoothing)  # (1, D, h, w)
+def segment_image(embed, stride, img, protos, owner, num_classes, args):
+    """img (H, W, 3) uint8 -> labels (H, W) uint8, class indices in [0, K).
+    embed: images (1, 3, h', w') in [0, 1] -> (unit features (1, D, h, w), keys or None)."""
+    x = resize_for_teacher(img, args.size, stride, args.max_side)[None]  # (1, 3, h', w')
+    feats, keys = embed(x)  # (1, D, h, w)
     scores = class_scores(feats, protos, owner, num_classes)  # (1, K, h, w)
     if args.prompt_denoising:
         scores = prompt_denoising(scores, args.pd_thresh)
@@ -91,10 +96,17 @@ def main(args):
     device = pick_device(args.device)
     print(f"device: {device} | {len(paths)} image(s) | classes: {', '.join(names)}")
 
-    # ---- model: the frozen CLIP teacher ----
+    # ---- model: the frozen CLIP teacher, or a trained run (which brings its own teacher for the text) ----
     t0 = time.perf_counter()
-    clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device)
-    teacher = MaskCLIP(clip, info).to(device)
+    if args.checkpoint:
+        f, teacher, ck = load_run(args.checkpoint, device)
+        info = teacher.info
+        embed, stride = (lambda x: (f(x.to(device)), None)), f.stride
+        args.key_smoothing = False  # keys belong to the teacher's last layer, not to f
+    else:
+        clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device)
+        teacher = MaskCLIP(clip, info).to(device)
+        embed, stride = (lambda x: teacher.dense(x, with_keys=args.key_smoothing)), teacher.stride
     t1 = time.perf_counter()
     protos, owner = teacher.text_prototypes(args.classes, cache_dir=args.cache_dir or None)
     t2 = time.perf_counter()
@@ -108,7 +120,7 @@ def main(args):
     for p in paths:
         t = time.perf_counter()
         img = load_image(p)
-        labels = segment_image(teacher, img, protos, owner, len(names), args)
+        labels = segment_image(embed, stride, img, protos, owner, len(names), args)
         shares = label_shares(labels, len(names))
         save_label_png(out / f"{p.stem}_labels.png", labels, colours)
         atomic_save(draw_overlay(img, labels, names, colours, shares), out / f"{p.stem}_overlay.png")

@@ -13,7 +13,6 @@ Continue a run: the same command with --resume.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ def get_args(argv=None):
     p.add_argument("--head-dim", type=int, default=512, help="channels of f's ASPP and projection head [choice]")
     # Data
     p.add_argument("--dataset", default="voc", choices=["voc", "context", "cocostuff", "folder", "toy"])
+    p.add_argument("--class-names", default=None, help="a file of class names (one per line) replacing the dataset's")
     p.add_argument("--data-root", default=None, help="dataset folder (default data/<dataset>)")
     p.add_argument("--split", default="train", help="split to train on")
     p.add_argument("--crop-size", type=int, default=336, help="side of each augmented view (paper: 336)")
@@ -141,7 +141,7 @@ def main(args):
     print(f"train.py | device {device} | {json.dumps(vars(args))}")
 
     # ---- data ----
-    base = SegDataset(args.dataset, args.data_root, args.split)
+    base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names)
     known, withheld = split_names(base.classes, args)
     clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device)
     teacher = MaskCLIP(clip, info).to(device)

@@ -49,3 +49,13 @@ def test_class_free_names_and_errors(toy_world, tmp_path):
         train.main(args_for(root, tmp_path / "bad", "--iters", "2", "--unknown-classes", "unicorn"))
     with pytest.raises(train.UserError, match="--resume"):
         train.main(args_for(root, tmp_path / "cf", "--iters", "2"))
+
+
+def test_segment_with_a_checkpoint(toy_world, tmp_path):
+    import segment
+    root, _ = toy_world
+    train.main(args_for(root, tmp_path / "run", "--iters", "2"))
+    segment.main(segment.get_args([str(root / "JPEGImages" / "val_0001.png"), "--classes", "sky", "ball",
+                                   "--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--size", "64",
+                                   "--out-dir", str(tmp_path / "seg"), "--cache-dir", ""]))
+    assert (tmp_path / "seg" / "val_0001_labels.png").is_file()
