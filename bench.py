@@ -4,6 +4,7 @@
     python bench.py text        # text prototypes: 171 COCO-Stuff names, fast path (--plain: 21 VOC names, both paths)
     python bench.py segment     # segment.py on a 512x384 and a 6000x4000 image: time split and peak memory
     python bench.py data        # training samples/s at 336 crops, 0 and 2 workers; superpixel cost
+    python bench.py train       # train.py at the paper setting: s/step, phases, peak memory
     python bench.py toy         # toy.py default world, wall time
 
 All use random CLIP weights (the cost of a forward does not depend on the values) and print one
@@ -97,23 +98,28 @@ def bench_segment(args, device):
             print(f"| {w}x{h} | {build} | {text} | {fwd} | {rss:.2f} |")
 
 
+def synthetic_folder(root, n):
+    """A VOC-layout folder of n smooth random 500 x 375 photos (low-frequency colour fields + grain)."""
+    rng = np.random.default_rng(0)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    ids = [f"im{i}" for i in range(n)]
+    for i in ids:
+        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+        img = np.clip(np.asarray(small, np.int16) + rng.integers(-12, 12, (375, 500, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg")
+        Image.fromarray(np.zeros((375, 500), np.uint8)).save(root / "SegmentationClass" / f"{i}.png")
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids))
+    (root / "classes.txt").write_text("sky\ngrass\nperson\n")
+
+
 def bench_data(args, device):
     """The training pipeline on VOC-sized images (500 x 375): superpixels per image, then samples/s
     with 0 and 2 workers, first epoch (SLIC computed) and later epochs (SLIC read from the cache)."""
     from torch.utils.data import DataLoader
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d) / "ds"
-        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-            (root / sub).mkdir(parents=True)
-        ids = [f"im{i}" for i in range(args.images)]
-        for i in ids:  # smooth random photos: low-frequency colour fields plus grain
-            small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
-            img = np.clip(np.asarray(small, np.int16) + rng.integers(-12, 12, (375, 500, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg")
-            Image.fromarray(np.zeros((375, 500), np.uint8)).save(root / "SegmentationClass" / f"{i}.png")
-        (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids))
-        (root / "classes.txt").write_text("thing\n")
+        synthetic_folder(root, args.images)
         base = SegDataset("folder", root, "train")
         t = time.perf_counter()
         for i in range(len(base)):
@@ -131,6 +137,25 @@ def bench_data(args, device):
                 print(f"| {workers} | {label} | {n / (time.perf_counter() - t):.1f} |")
 
 
+def bench_train(args, device):
+    """train.py at the paper setting (resnet101, 336 crops, 8 images x 2 views, ViT-B-16 teacher at 448),
+    random weights, on synthetic 500 x 375 photos: the last of --steps steps, its phases, peak RSS."""
+    with tempfile.TemporaryDirectory() as d:
+        synthetic_folder(Path(d) / "ds", 16)
+        cmd = [sys.executable, "train.py", "--dataset", "folder", "--data-root", str(Path(d) / "ds"),
+               "--clip-pretrained", "none", "--backbone", args.backbone, "--backbone-weights", "none",
+               "--iters", str(args.steps), "--log-every", "1", "--profile", "--out-dir", str(Path(d) / "run"),
+               "--device", args.device, "--unknown-protos", "20", "--batch-size", str(args.batch_size),
+               "--workers", "2"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        lines = [l for l in out.splitlines() if l.startswith(("step", "  phases"))]
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+        print("\n".join(lines[-2:]))
+        ms = float(re.search(r"\| (\d+) ms$", lines[-2]).group(1))
+        print(f"| {args.backbone}, 336 crops, {args.batch_size} x 2 views | {ms / 1000:.1f} s/step | {rss:.1f} GiB peak RSS | "
+              f"20k steps: {ms * 20000 / 3.6e6:.0f} h |")
+
+
 def bench_toy(args, device):
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
@@ -142,7 +167,10 @@ def bench_toy(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dense", "text", "segment", "data", "toy"])
+    p.add_argument("what", choices=["dense", "text", "segment", "data", "train", "toy"])
+    p.add_argument("--backbone", default="resnet101", help="train: f's trunk")
+    p.add_argument("--steps", type=int, default=3, help="train: steps to run (the last one is reported)")
+    p.add_argument("--batch-size", type=int, default=8, help="train: images per step (8 = the paper setting here)")
     p.add_argument("--images", type=int, default=48, help="data: synthetic 500x375 images in the pipeline")
     p.add_argument("--size", type=int, default=448, help="dense: input side in pixels")
     p.add_argument("--batch", type=int, default=1, help="dense: images per forward")
@@ -154,7 +182,7 @@ def main():
     print(f"bench {args.what} | {torch.get_num_threads()} threads | device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "data": bench_data,
-     "toy": bench_toy}[args.what](args, device)
+     "train": bench_train, "toy": bench_toy}[args.what](args, device)
 
 
 if __name__ == "__main__":

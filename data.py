@@ -120,7 +120,7 @@ def save_label_png(path, labels, colours):
 def atomic_save(img, path):
     """Save a PIL image through a temporary file and a rename, so a crash leaves no half file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # one per process: no clashes
     img.save(tmp)
     os.replace(tmp, path)
 
@@ -474,7 +474,7 @@ class TwoViews(torch.utils.data.Dataset):
                 "id": item["id"]}
 
 
-EVAL_SIDE = {"voc": 512, "context": 520, "cocostuff": 512}  # MaskCLIP's test short sides
+EVAL_SIDE = {"voc": 512, "context": 520, "cocostuff": 512, "toy": 64}  # MaskCLIP's test sides; toy: its CLIP's
 
 
 class EvalImages(torch.utils.data.Dataset):
@@ -503,3 +503,16 @@ def collate(items):
         same = all(torch.is_tensor(v) and v.shape == vals[0].shape for v in vals)
         out[k] = torch.stack(vals) if same else vals
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# k-NN retrieval (knn.py, bench.py)
+# ----------------------------------------------------------------------------------------------
+def knn_vote(queries, memory, mem_labels, k, num_classes, chunk=4096):
+    """Majority label among the k most cosine-similar memory rows, chunked so that a (chunk, N)
+    similarity block is the largest thing held. queries (Q, D), memory (N, D) unit -> (Q,) long."""
+    out = []
+    for q in queries.split(chunk):
+        top = (q @ memory.T).topk(min(k, len(memory)), dim=1).indices  # (chunk, N) -> (chunk, k)
+        out.append(F.one_hot(mem_labels[top], num_classes).sum(1).argmax(1))
+    return torch.cat(out)

@@ -9,7 +9,8 @@ Toy world on a CPU (after `python toy.py`; a few minutes):
     python train.py --dataset toy --clip-config data/toy/toyclip.json --clip-pretrained data/toy/toyclip.pt \
         --size 64 --crop-size 128 --backbone resnet18 --head-dim 128 --iters 300 --batch-size 8 \
         --lr 0.01 --unknown-protos 8 --out-dir runs/toy_clips4
-Continue a run: the same command with --resume.
+Continue a run: the same command with --resume. Several GPUs (or CPU processes, gloo):
+    torchrun --nproc_per_node 4 train.py --dataset voc ...      # --batch-size is per process
 """
 import argparse
 import json
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import CONTEXT_FOLDS, SegDataset, TwoViews, UserError, collate, warp
@@ -78,6 +80,7 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=1000, help="a checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     p.add_argument("--stop-after", type=int, default=0, help="save and stop after N steps of this invocation (0: run to --iters)")
+    p.add_argument("--profile", action="store_true", help="print each phase's time per step (syncs CUDA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -97,17 +100,19 @@ def split_names(classes, args):
     return [c for c, n in zip(classes, first) if n not in withheld], withheld
 
 
-def batches(data, args, start_step):
-    """Endless batches in a seeded order per epoch; resuming at step s starts exactly at batch s."""
-    per_epoch = len(data) // args.batch_size
+def batches(data, args, start_step, rank=0, world=1):
+    """Endless batches in a seeded order per epoch; resuming at step s starts exactly at batch s.
+    With several processes, each step's global batch of world x --batch-size images is split by rank."""
+    glob = args.batch_size * world
+    per_epoch = len(data) // glob
     if per_epoch == 0:
-        raise UserError(f"{len(data)} training images, fewer than --batch-size {args.batch_size}")
+        raise UserError(f"{len(data)} training images, fewer than {glob} per step")
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
         data.set_epoch(epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        order = order[offset * args.batch_size: per_epoch * args.batch_size].tolist()
+        order = order[offset * glob: per_epoch * glob].view(-1, world, args.batch_size)[:, rank].flatten().tolist()
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order, collate_fn=collate,
                                              num_workers=args.workers, drop_last=True)
         for batch in loader:
@@ -130,15 +135,40 @@ def teacher_maps(teacher, batch, size, device):
     return F.normalize(torch.cat(maps), dim=1)
 
 
+def gather(x):
+    """Concatenate a tensor whose first dimension differs across processes (the segments of each)."""
+    if not dist.is_initialized():
+        return x
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    pad = x.new_zeros((int(max(sizes)) - len(x), *x.shape[1:]))
+    parts = [x.new_zeros((int(max(sizes)), *x.shape[1:])) for _ in sizes]
+    dist.all_gather(parts, torch.cat([x, pad]))
+    return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
+
+
 def main(args):
+    # Several processes under torchrun (DistributedDataParallel; gloo on CPU, nccl on CUDA).
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    lead = rank == 0  # only the first process writes
     torch.manual_seed(args.seed)
+    for k in ("clip_config", "clip_pretrained"):  # the checkpoint must find its CLIP from anywhere
+        if getattr(args, k) and os.path.isfile(getattr(args, k)):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
     out = Path(args.out_dir)
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists() and not args.resume:
         raise UserError(f"{ckpt_path} exists: add --resume to continue it, or choose another --out-dir")
-    print(f"train.py | device {device} | {json.dumps(vars(args))}")
+    if lead:
+        print(f"train.py | device {device} x {world} | {json.dumps(vars(args))}")
 
     # ---- data ----
     base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names)
@@ -153,6 +183,7 @@ def main(args):
     text = F.normalize(torch.zeros(len(known), protos.shape[1], device=device).index_add_(0, owner, protos), dim=1)
     kappa_s = args.kappa_s or float(clip.logit_scale.exp())
     f = PixelEmbedder(text.shape[1], args.backbone, args.backbone_weights, args.head_dim).to(device)
+    net = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f  # f stays the unwrapped module
     unknown = UnknownPrototypes(args.unknown_protos if args.method == "clip-s4" else 0, text.shape[1],
                                 tau=args.unknown_tau).to(device)
 
@@ -174,27 +205,46 @@ def main(args):
         unknown.load_state_dict(ck["unknown"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
+        torch.set_rng_state(ck["rng"].cpu())
+        if device.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         step = ck["step"]
         print(f"resumed {ckpt_path} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    if lead:
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
 
     def checkpoint():
         return {"model": f.state_dict(), "unknown": unknown.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "step": step, "rng": torch.get_rng_state(), "args": vars(args),
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda"
+                else None, "args": vars(args),
                 "clip": info, "classes": base.classes, "known": known, "withheld": withheld,
                 "dim": text.shape[1], "method": args.method}
 
     # ---- loop ----
     f.train()
-    log = open(out / "log.jsonl", "a")
-    stream = batches(data, args, step)
+    log = open(out / "log.jsonl", "a") if lead else None
+    stream = batches(data, args, step, rank, world)
     t_last = time.perf_counter()
     stop = min(args.iters, step + args.stop_after) if args.stop_after else args.iters
+    phases = {}
+
+    def tick(name, t0):
+        """Add the time since t0 to a phase of the step (CUDA is synchronised only with --profile)."""
+        if args.profile and device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - t0
+        return now
+    t = time.perf_counter()
     try:
         while step < stop:
+            t = tick("log+save", t)
             batch = next(stream)
+            t = tick("data", t)
             B, V = batch["views"].shape[:2]
             x = batch["views"].flatten(0, 1).to(device)  # (B, V, 3, S, S) -> (BV, 3, S, S)
             h, w = x.shape[2] // f.stride, x.shape[3] // f.stride
@@ -202,12 +252,15 @@ def main(args):
                                     mode="nearest")[:, 0].long().to(device)  # (BV, h, w)
             with torch.no_grad():
                 clip_map = teacher_maps(teacher, batch, (h, w), device)  # (BV, D, h, w)
+            t = tick("teacher", t)
             with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                z = f(x)  # (BV, D, h, w)
+                z = net(x)  # (BV, D, h, w)
             z = z.float()
+            t = tick("forward", t)
             seg = kmeans_segments(z.detach(), regions, V, (args.kmeans_grid,) * 2, args.kmeans_iters,
                                   args.kmeans_lambda)
             pix = pixel_sample(seg, args.max_pixels)
+            t = tick("kmeans", t)
             terms = {}
             if args.method in ("clip-s4", "segsort") and args.lambda_c:
                 terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, args.kappa, V)
@@ -220,7 +273,7 @@ def main(args):
                     targets_all = torch.cat([text, unknown.shifted(text)]) if unknown.started else text
                     y = targets if unknown.started else torch.where(is_unknown, -1, targets)
                     terms["s"] = semantic_consistency(z, seg, pix, y, targets_all, kappa_s)
-                unknown.update(cs, is_unknown)
+                unknown.update(gather(cs), gather(is_unknown))  # every process sees every segment
                 terms_unknown = float(is_unknown.float().mean())
             if args.method == "maskclip+":
                 source = clip_map if step < args.self_train_after * args.iters else z.detach()
@@ -229,6 +282,7 @@ def main(args):
                 terms["p"] = pseudo_label_loss(z, labels, text, kappa_s)
             weights = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s, "p": 1.0}
             loss = sum(weights[k] * v for k, v in terms.items())
+            t = tick("losses", t)
             if not torch.isfinite(loss):
                 print(f"step {step}: non-finite loss {({k: v.item() for k, v in terms.items()})}; stopping, "
                       f"the last good checkpoint is {ckpt_path}")
@@ -238,28 +292,38 @@ def main(args):
             scaler.step(opt)
             scaler.update()
             sched.step()
+            t = tick("backward", t)
             step += 1
-            if step % args.log_every == 0 or step == args.iters:
+            if lead and (step % args.log_every == 0 or step == args.iters):
                 ms = 1000 * (time.perf_counter() - t_last) / args.log_every
                 t_last = time.perf_counter()
                 rec = {"step": step, "loss": loss.item(), **{f"L_{k}": v.item() for k, v in terms.items()},
                        "lr": opt.param_groups[0]["lr"], "segments": seg.count, "ms": ms}
                 if args.method == "clip-s4":
                     rec["unknown_share"] = terms_unknown
+                rec["phases_ms"] = {k: 1000 * v / args.log_every for k, v in phases.items()}
+                phases.clear()
                 print(f"step {step}/{args.iters} | loss {rec['loss']:.3f} ("
                       + " ".join(f"{k} {rec['L_' + k]:.3f}" for k in terms)
                       + f") | lr {rec['lr']:.2e} | {seg.count} segments"
                       + (f" | unknown {100 * terms_unknown:.0f}%" if "unknown_share" in rec else "")
                       + f" | {ms:.0f} ms", flush=True)
+                if args.profile:
+                    print("  phases (ms/step): " + ", ".join(f"{k} {v:.0f}" for k, v in rec["phases_ms"].items()))
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-            if step % args.save_every == 0 or step == stop:
+            if lead and (step % args.save_every == 0 or step == stop):
                 save(checkpoint(), ckpt_path)
     except KeyboardInterrupt:
-        save(checkpoint(), ckpt_path)
+        if lead:
+            save(checkpoint(), ckpt_path)
         print(f"interrupted: saved step {step} to {ckpt_path}")
         sys.exit(130)
-    print(f"done: {ckpt_path}")
+    if lead:
+        print(f"done: {ckpt_path}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,3 +30,30 @@ def test_checkpoint_evaluates_with_its_own_withheld_names(toy_world, tmp_path):
     assert list(m["unknown"]["per_class"]) == ["kite"] and 0 <= m["mIoU"] <= 100
     with pytest.raises(evaluate.UserError, match="either"):
         evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root)]))
+
+
+def test_knn_vote_matches_sklearn():
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from sklearn.neighbors import KNeighborsClassifier
+    import data
+    g = torch.Generator().manual_seed(0)
+    memory = F.normalize(torch.randn(300, 8, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    queries = F.normalize(torch.randn(70, 8, generator=g, dtype=torch.float64), dim=1)
+    ours = data.knn_vote(queries, memory, labels, k=7, num_classes=5, chunk=16)
+    ref = KNeighborsClassifier(7, metric="cosine", algorithm="brute").fit(memory.numpy(), labels.numpy())
+    np.testing.assert_array_equal(ours.numpy(), ref.predict(queries.numpy()))
+
+
+def test_knn_protocol_runs_and_reuses_memory(toy_world, tmp_path, capsys):
+    import knn
+    root, _ = toy_world
+    argv = ["--dataset", "toy", "--data-root", str(root), "--method", "maskclip", "--clip-config",
+            str(root / "toyclip.json"), "--clip-pretrained", str(root / "toyclip.pt"), "--size", "64",
+            "--limit-train", "24", "--segments", "16", "--k", "5", "--memory-dir", str(tmp_path / "mem")]
+    first = knn.main(knn.get_args(argv))
+    assert "written to" in capsys.readouterr().out and 0 < first["pAcc"] <= 100
+    second = knn.main(knn.get_args(argv))
+    assert "segments from" in capsys.readouterr().out and second == first

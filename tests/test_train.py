@@ -59,3 +59,22 @@ def test_segment_with_a_checkpoint(toy_world, tmp_path):
                                    "--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--size", "64",
                                    "--out-dir", str(tmp_path / "seg"), "--cache-dir", ""]))
     assert (tmp_path / "seg" / "val_0001_labels.png").is_file()
+
+
+def test_two_processes_with_torchrun(toy_world, tmp_path):
+    """DistributedDataParallel over 2 CPU processes (gloo): runs, writes once, the checkpoint loads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root, _ = toy_world
+    a = args_for(root, tmp_path / "ddp", "--iters", "4", "--batch-size", "2")
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+            if v not in (None, False, [], "") and not isinstance(v, bool)]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *argv],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done:") == 1
+    f, _, ck = M.load_run(tmp_path / "ddp" / "ckpt.pt")
+    assert ck["step"] == 4
