@@ -5,7 +5,6 @@
     python bench.py segment     # segment.py on a 512x384 and a 6000x4000 image: time split and peak memory
     python bench.py data        # training samples/s at 336 crops, 0 and 2 workers; superpixel cost
     python bench.py train       # train.py at the paper setting: s/step, phases, peak memory
-    python bench.py toy         # toy.py default world, wall time
 
 All use random CLIP weights (the cost of a forward does not depend on the values) and print one
 markdown table row per measurement. `--device cuda` times on a GPU where there is one.
@@ -156,18 +155,9 @@ def bench_train(args, device):
               f"20k steps: {ms * 20000 / 3.6e6:.0f} h |")
 
 
-def bench_toy(args, device):
-    with tempfile.TemporaryDirectory() as d:
-        t = time.perf_counter()
-        out = subprocess.run([sys.executable, "toy.py", "--out-dir", d], capture_output=True, text=True,
-                             check=True).stdout
-        print(out.strip().splitlines()[-4:])
-        print(f"| toy.py (default) | {time.perf_counter() - t:.0f} s |")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dense", "text", "segment", "data", "train", "toy"])
+    p.add_argument("what", choices=["dense", "text", "segment", "data", "train"])
     p.add_argument("--backbone", default="resnet101", help="train: f's trunk")
     p.add_argument("--steps", type=int, default=3, help="train: steps to run (the last one is reported)")
     p.add_argument("--batch-size", type=int, default=8, help="train: images per step (8 = the paper setting here)")
@@ -182,7 +172,7 @@ def main():
     print(f"bench {args.what} | {torch.get_num_threads()} threads | device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "data": bench_data,
-     "train": bench_train, "toy": bench_toy}[args.what](args, device)
+     "train": bench_train}[args.what](args, device)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (CONTEXT_FOLDS, EvalImages, SegDataset, UserError, confusion_matrix, segmentation_metrics)
-from model import MaskCLIP, class_scores, key_smoothing, load_clip, load_run, prompt_denoising
+from model import class_scores, key_smoothing, load_embedder, pick_device, prompt_denoising
 
 
 def get_args(argv=None):
@@ -66,18 +66,15 @@ def subset_metrics(cm, names, subset):
 
 @torch.no_grad()
 def main(args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     if bool(args.checkpoint) == bool(args.method):
         raise UserError("give either --checkpoint PATH or --method maskclip")
     # ---- model ----
-    if args.checkpoint:
-        f, teacher, ck = load_run(args.checkpoint, device)
-        embed, stride, withheld, label = f, f.stride, ck["withheld"], ck["method"]
+    embed, stride, teacher, run = load_embedder(args, device, with_keys=args.key_smoothing)
+    if run:
+        withheld, label = run["withheld"], run["method"]
     else:
-        teacher = MaskCLIP(*load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device))
-        embed = lambda x: teacher.dense(x, with_keys=args.key_smoothing)  # noqa: E731
-        stride, withheld, label = teacher.stride, list(args.unknown_classes), "maskclip"
+        withheld, label = list(args.unknown_classes), "maskclip"
         if args.unknown_fold is not None:
             withheld += CONTEXT_FOLDS[args.unknown_fold]
     # ---- data ----
@@ -96,8 +93,7 @@ def main(args):
     n = min(len(data), args.limit) if args.limit else len(data)
     for i in tqdm(range(n), desc="evaluating"):
         item = data[i]
-        out = embed(item["image"][None].to(device))
-        feats, keys = out if isinstance(out, tuple) else (out, None)  # (1, D, h, w)
+        feats, keys = embed(item["image"][None])  # (1, D, h, w)
         scores = class_scores(feats.float(), protos, owner, K)  # (1, K, h, w)
         if args.prompt_denoising and not args.checkpoint:
             scores = prompt_denoising(scores)

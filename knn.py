@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data import IGNORE, EvalImages, SegDataset, UserError, confusion_matrix, knn_vote, segmentation_metrics
 from losses import kmeans_segments, segment_means
-from model import MaskCLIP, load_clip, load_run
+from model import load_embedder, pick_device
 
 
 def get_args(argv=None):
@@ -76,19 +76,15 @@ def image_segments(embed, item, n_segments, iters, num_classes):
 
 
 def main(args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     if bool(args.checkpoint) == bool(args.method):
         raise UserError("give either --checkpoint PATH or --method maskclip")
     # ---- model ----
-    if args.checkpoint:
-        f, _, ck = load_run(args.checkpoint, device)
-        embed, stride, label = (lambda x: f(x.to(device))), f.stride, ck["method"]
-        ident = [str(Path(args.checkpoint).resolve()), ck["step"]]
-    else:
-        teacher = MaskCLIP(*load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device))
-        embed, stride, label = (lambda x: teacher.dense(x.to(device))[0]), teacher.stride, "maskclip"
-        ident = [args.clip, args.clip_pretrained, args.clip_config]
+    embed_keys, stride, _, run = load_embedder(args, device)
+    embed = lambda x: embed_keys(x)[0]  # noqa: E731  features only: (B, D, h, w)
+    label = run["method"] if run else "maskclip"
+    ident = [str(Path(args.checkpoint).resolve()), run["step"]] if run else [args.clip, args.clip_pretrained,
+                                                                             args.clip_config]
     # ---- data: 21 classes with background on VOC ----
     train = SegDataset(args.dataset, args.data_root, "train", background=True)
     val = SegDataset(args.dataset, args.data_root, "val", background=True)

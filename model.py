@@ -501,3 +501,23 @@ def load_run(path, device="cpu"):
     f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"])
     f.load_state_dict(ck["model"])
     return f.to(device).eval(), MaskCLIP(clip, info).to(device), ck
+
+
+def pick_device(name):
+    """'auto' (CUDA when present), 'cpu' or 'cuda' -> torch.device; 'cuda' without a GPU is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def load_embedder(args, device, with_keys=False):
+    """What scores pixels in the scripts: a trained run (--checkpoint) or the frozen teacher alone
+    (--clip, --clip-pretrained, --clip-config, --quick-gelu).
+    Returns (embed, stride, teacher, run): embed maps images (B, 3, H, W) in [0, 1] to (unit features
+    (B, D, h, w), keys or None); the teacher always provides the text prototypes; run is the
+    checkpoint dict, or None for the teacher."""
+    if getattr(args, "checkpoint", None):
+        f, teacher, run = load_run(args.checkpoint, device)
+        return (lambda x: (f(x.to(device)), None)), f.stride, teacher, run
+    teacher = MaskCLIP(*load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device))
+    return (lambda x: teacher.dense(x.to(device), with_keys=with_keys)), teacher.stride, teacher.to(device), None

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from data import (UserError, draw_overlay, label_shares, list_images, load_image,
                   palette, resize_for_teacher, resize_labels, save_label_png, atomic_save)
-from model import (MaskCLIP, class_scores, key_smoothing, load_clip, load_run, parse_class_names,
-                   prompt_denoising, CACHE_DIR)
+from model import (CACHE_DIR, class_scores, key_smoothing, load_embedder, parse_class_names, pick_device,
+                   prompt_denoising)
 
 
 def get_args(argv=None):
@@ -56,13 +56,6 @@ def get_args(argv=None):
     p.add_argument("--cache-dir", default=str(CACHE_DIR), help="text-prototype cache ('' turns it off)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks CUDA when present")
     return p.parse_args(argv)
-
-
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        ("cpu" if name == "auto" else name))
 
 
 @torch.no_grad()
@@ -99,14 +92,9 @@ def main(args):
     # ---- model: the frozen CLIP teacher, or a trained run (which brings its own teacher for the text) ----
     t0 = time.perf_counter()
     if args.checkpoint:
-        f, teacher, ck = load_run(args.checkpoint, device)
-        info = teacher.info
-        embed, stride = (lambda x: (f(x.to(device)), None)), f.stride
         args.key_smoothing = False  # keys belong to the teacher's last layer, not to f
-    else:
-        clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device)
-        teacher = MaskCLIP(clip, info).to(device)
-        embed, stride = (lambda x: teacher.dense(x, with_keys=args.key_smoothing)), teacher.stride
+    embed, stride, teacher, _ = load_embedder(args, device, with_keys=args.key_smoothing)
+    info = teacher.info
     t1 = time.perf_counter()
     protos, owner = teacher.text_prototypes(args.classes, cache_dir=args.cache_dir or None)
     t2 = time.perf_counter()
