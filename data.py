@@ -7,7 +7,11 @@ Public API:
     load_image(path)               -> (H, W, 3) uint8 RGB, EXIF-rotated, any PIL mode
     image_tensor(img)              -> (1, 3, H, W) float in [0, 1]
     resize_for_teacher(img, ...)   -> the teacher's input: short side fixed, multiple of its stride
-    palette(n), save_label_png()   -> colours and palette PNG label maps
+    palette(n), save_label_png(), draw_overlay()  -> colours, palette PNG label maps, overlay pictures
+    confusion_matrix(), segmentation_metrics()    -> mIoU / pAcc / mAcc / per-class IoU
+    SegDataset(name, root, split)  -> voc, context, cocostuff, folder, toy readers
+    TwoViews, warp(), superpixels()-> CLIP-S4 training samples and their geometry
+    EvalImages, collate, knn_vote  -> evaluation samples, batching, k-NN retrieval
 """
 import math
 import os

@@ -7,8 +7,10 @@ Notation used in shape comments (defined once, as in method.md):
 
 Public API:
     load_clip(name, pretrained, config)     -> a frozen open_clip model and what was loaded
-    MaskCLIP(clip, info)                    -> the teacher: .dense(), .text_prototypes(), .scores()
-    prompt_denoising(), key_smoothing()     -> MaskCLIP's two optional refinements
+    MaskCLIP(clip, info)                    -> the teacher: .dense(), .text_prototypes()
+    class_scores(), prompt_denoising(), key_smoothing()  -> per-class scores and MaskCLIP's refinements
+    PixelEmbedder(dim, backbone)            -> the pixel-embedding network f
+    load_run(path), load_embedder(args)     -> a trained run, or whatever a script scores pixels with
 """
 import hashlib
 import json
