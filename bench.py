@@ -5,6 +5,7 @@
     python bench.py segment     # segment.py on a 512x384 and a 6000x4000 image: time split and peak memory
     python bench.py data        # training samples/s at 336 crops, 0 and 2 workers; superpixel cost
     python bench.py train       # train.py at the paper setting: s/step, phases, peak memory
+    python bench.py knn         # k-NN retrieval at VOC scale vs scikit-learn's brute force
 
 All use random CLIP weights (the cost of a forward does not depend on the values) and print one
 markdown table row per measurement. `--device cuda` times on a GPU where there is one.
@@ -24,7 +25,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from data import COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, superpixels
+from data import COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, knn_vote, superpixels
 from model import MaskCLIP, encode_text_fast, read_templates
 
 
@@ -136,6 +137,28 @@ def bench_data(args, device):
                 print(f"| {workers} | {label} | {n / (time.perf_counter() - t):.1f} |")
 
 
+def bench_knn(args, device):
+    """k-NN retrieval at VOC scale (380k training segments, D = 1024): data.knn_vote (chunked matmul +
+    top-k) against scikit-learn's brute-force NearestNeighbors (cosine) on the same --queries, which
+    are scaled to the protocol's 52k validation segments."""
+    from sklearn.neighbors import NearestNeighbors
+    g = torch.Generator().manual_seed(0)
+    memory = torch.nn.functional.normalize(torch.randn(args.memory, args.dim, generator=g), dim=1)
+    labels = torch.randint(0, 21, (args.memory,), generator=g)
+    queries = torch.nn.functional.normalize(torch.randn(args.queries, args.dim, generator=g), dim=1)
+    t = time.perf_counter()
+    knn_vote(queries.to(device), memory.to(device), labels.to(device), 20, 21, chunk=1024)
+    ours = time.perf_counter() - t
+    nn_ = NearestNeighbors(n_neighbors=20, algorithm="brute", metric="cosine").fit(memory.numpy())
+    t = time.perf_counter()
+    nn_.kneighbors(queries.numpy())
+    theirs = time.perf_counter() - t
+    scale = 52000 / args.queries
+    print(f"| memory {args.memory} x {args.dim}, {args.queries} queries | ours {ours:.1f} s | scikit-learn {theirs:.1f} s"
+          f" | x{theirs / ours:.1f} | 52k queries: ours ~{ours * scale / 60:.0f} min, scikit-learn ~{theirs * scale / 60:.0f} min"
+          f" | peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB |")
+
+
 def bench_train(args, device):
     """train.py at the paper setting (resnet101, 336 crops, 8 images x 2 views, ViT-B-16 teacher at 448),
     random weights, on synthetic 500 x 375 photos: the last of --steps steps, its phases, peak RSS."""
@@ -157,7 +180,10 @@ def bench_train(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dense", "text", "segment", "data", "train"])
+    p.add_argument("what", choices=["dense", "text", "segment", "data", "train", "knn"])
+    p.add_argument("--memory", type=int, default=380000, help="knn: training segments in the memory")
+    p.add_argument("--queries", type=int, default=2000, help="knn: validation segments timed")
+    p.add_argument("--dim", type=int, default=1024, help="knn: embedding dimension")
     p.add_argument("--backbone", default="resnet101", help="train: f's trunk")
     p.add_argument("--steps", type=int, default=3, help="train: steps to run (the last one is reported)")
     p.add_argument("--batch-size", type=int, default=8, help="train: images per step (8 = the paper setting here)")
@@ -172,7 +198,7 @@ def main():
     print(f"bench {args.what} | {torch.get_num_threads()} threads | device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "data": bench_data,
-     "train": bench_train}[args.what](args, device)
+     "train": bench_train, "knn": bench_knn}[args.what](args, device)
 
 
 if __name__ == "__main__":

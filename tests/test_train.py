@@ -78,3 +78,18 @@ def test_two_processes_with_torchrun(toy_world, tmp_path):
     assert r.stdout.count("done:") == 1
     f, _, ck = M.load_run(tmp_path / "ddp" / "ckpt.pt")
     assert ck["step"] == 4
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy_world, tmp_path, monkeypatch):
+    root, _ = toy_world
+    real, calls = train.embedding_consistency, []
+
+    def poisoned(*a, **k):  # finite for 4 steps, then NaN
+        calls.append(1)
+        out = real(*a, **k)
+        return out * float("nan") if len(calls) > 4 else out
+    monkeypatch.setattr(train, "embedding_consistency", poisoned)
+    with pytest.raises(SystemExit) as e:
+        train.main(args_for(root, tmp_path / "nan", "--iters", "10", "--save-every", "2"))
+    assert e.value.code == 1
+    assert torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)["step"] == 4
