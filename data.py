@@ -129,6 +129,13 @@ def atomic_save(img, path):
     os.replace(tmp, path)
 
 
+def write_json(path, obj):
+    """Write a metrics dict as indented JSON, creating the folder (evaluate.py / knn.py --json)."""
+    import json
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
+
+
 def label_shares(labels, num_classes):
     """Fraction of pixels of each class: (H, W) ints -> (K,) float64 summing to 1."""
     counts = np.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]

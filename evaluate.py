@@ -13,16 +13,15 @@ Toy world on a CPU (seconds):
     python evaluate.py --dataset toy --checkpoint runs/toy_clips4/ckpt.pt --size 128 --json out/toy.json
 """
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (CONTEXT_FOLDS, EvalImages, SegDataset, UserError, confusion_matrix, segmentation_metrics)
+from data import (CONTEXT_FOLDS, EvalImages, SegDataset, UserError, confusion_matrix, segmentation_metrics,
+                  write_json)
 from model import class_scores, key_smoothing, load_embedder, pick_device, prompt_denoising
 
 
@@ -113,8 +112,7 @@ def main(args):
         print(f"| {label} | {which} | {m['mIoU']:.1f} | {m['pAcc']:.1f} | {m['mAcc']:.1f} |")
     print("per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in result["per_class"].items() if v is not None))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"method": label, **result}, indent=1))
+        write_json(args.json, {"method": label, **result})
     return result
 
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import IGNORE, EvalImages, SegDataset, UserError, confusion_matrix, knn_vote, segmentation_metrics
+from data import (IGNORE, EvalImages, SegDataset, UserError, confusion_matrix, knn_vote, segmentation_metrics,
+                  write_json)
 from losses import kmeans_segments, segment_means
 from model import load_embedder, pick_device
 
@@ -123,8 +124,7 @@ def main(args):
           f"| {label} | {result['mIoU']:.1f} | {result['pAcc']:.1f} | {result['mAcc']:.1f} |")
     print("per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in result["per_class"].items() if v is not None))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"method": label, "protocol": "knn", **result}, indent=1))
+        write_json(args.json, {"method": label, "protocol": "knn", **result})
     return result
 
 

@@ -138,11 +138,12 @@ class UnknownPrototypes(nn.Module):
     def targets(self, cs, text):
         """CLIP's label of each segment: a known class when CLIP's softmax over the known names (scale
         100) reaches tau, else K + its nearest unknown prototype. cs (S, D), text (K, D) ->
-        targets (S,) long in [0, K+M), unknown (S,) bool."""
+        targets (S,) long in [0, K+M) (-1 for unknown segments before the prototypes exist),
+        unknown (S,) bool."""
         prob = F.softmax(self.scale * cs @ text.T, dim=1)  # (S, K)
         conf, known = prob.max(dim=1)
         unknown = conf < self.tau
-        if len(self.protos) == 0:
+        if not self.started:  # no prototypes yet (or M = 0): unknown segments get no target
             return torch.where(unknown, -1, known), unknown
         nearest = (cs @ self.protos.T).argmax(dim=1) + len(text)  # (S,)
         return torch.where(unknown, nearest, known), unknown

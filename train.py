@@ -271,10 +271,9 @@ def main(args):
                     terms["e"] = embedding_consistency(segment_means(z, seg), cs, args.kappa_e, args.emb_loss)
                 if args.lambda_s:
                     targets_all = torch.cat([text, unknown.shifted(text)]) if unknown.started else text
-                    y = targets if unknown.started else torch.where(is_unknown, -1, targets)
-                    terms["s"] = semantic_consistency(z, seg, pix, y, targets_all, kappa_s)
+                    terms["s"] = semantic_consistency(z, seg, pix, targets, targets_all, kappa_s)
                 unknown.update(gather(cs), gather(is_unknown))  # every process sees every segment
-                terms_unknown = float(is_unknown.float().mean())
+                unknown_share = is_unknown.float().mean()  # read at log time only: no per-step sync
             if args.method == "maskclip+":
                 source = clip_map if step < args.self_train_after * args.iters else z.detach()
                 labels = torch.einsum("bdhw,kd->bkhw", source, text).argmax(dim=1)  # (BV, h, w)
@@ -300,13 +299,13 @@ def main(args):
                 rec = {"step": step, "loss": loss.item(), **{f"L_{k}": v.item() for k, v in terms.items()},
                        "lr": opt.param_groups[0]["lr"], "segments": seg.count, "ms": ms}
                 if args.method == "clip-s4":
-                    rec["unknown_share"] = terms_unknown
+                    rec["unknown_share"] = unknown_share.item()
                 rec["phases_ms"] = {k: 1000 * v / args.log_every for k, v in phases.items()}
                 phases.clear()
                 print(f"step {step}/{args.iters} | loss {rec['loss']:.3f} ("
                       + " ".join(f"{k} {rec['L_' + k]:.3f}" for k in terms)
                       + f") | lr {rec['lr']:.2e} | {seg.count} segments"
-                      + (f" | unknown {100 * terms_unknown:.0f}%" if "unknown_share" in rec else "")
+                      + (f" | unknown {100 * rec['unknown_share']:.0f}%" if "unknown_share" in rec else "")
                       + f" | {ms:.0f} ms", flush=True)
                 if args.profile:
                     print("  phases (ms/step): " + ", ".join(f"{k} {v:.0f}" for k, v in rec["phases_ms"].items()))
