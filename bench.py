@@ -6,6 +6,7 @@
     python bench.py data        # training samples/s at 336 crops, 0 and 2 workers; superpixel cost
     python bench.py train       # train.py at the paper setting: s/step, phases, peak memory
     python bench.py knn         # k-NN retrieval at VOC scale vs scikit-learn's brute force
+    python bench.py eval        # evaluate.py's per-image cost: teacher (whole, slide) and f (resnet101)
 
 All use random CLIP weights (the cost of a forward does not depend on the values) and print one
 markdown table row per measurement. `--device cuda` times on a GPU where there is one.
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 
 from data import COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, knn_vote, superpixels
-from model import MaskCLIP, encode_text_fast, read_templates
+from model import MaskCLIP, PixelEmbedder, class_scores, encode_text_fast, read_templates
 
 
 def timed(fn, repeats, device):
@@ -139,8 +140,8 @@ def bench_data(args, device):
 
 def bench_knn(args, device):
     """k-NN retrieval at VOC scale (380k training segments, D = 1024): data.knn_vote (chunked matmul +
-    top-k) against scikit-learn's brute-force NearestNeighbors (cosine) on the same --queries, which
-    are scaled to the protocol's 52k validation segments."""
+    top-k) on --queries against scikit-learn's brute-force NearestNeighbors (cosine) on the first
+    --sk-queries of them (default: the same), both per 1,000 queries and for the protocol's 52k."""
     from sklearn.neighbors import NearestNeighbors
     g = torch.Generator().manual_seed(0)
     memory = torch.nn.functional.normalize(torch.randn(args.memory, args.dim, generator=g), dim=1)
@@ -149,14 +150,51 @@ def bench_knn(args, device):
     t = time.perf_counter()
     knn_vote(queries.to(device), memory.to(device), labels.to(device), 20, 21, chunk=1024)
     ours = time.perf_counter() - t
+    rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    nq = min(args.sk_queries or args.queries, args.queries)
     nn_ = NearestNeighbors(n_neighbors=20, algorithm="brute", metric="cosine").fit(memory.numpy())
     t = time.perf_counter()
-    nn_.kneighbors(queries.numpy())
+    nn_.kneighbors(queries[:nq].numpy())
     theirs = time.perf_counter() - t
-    scale = 52000 / args.queries
-    print(f"| memory {args.memory} x {args.dim}, {args.queries} queries | ours {ours:.1f} s | scikit-learn {theirs:.1f} s"
-          f" | x{theirs / ours:.1f} | 52k queries: ours ~{ours * scale / 60:.0f} min, scikit-learn ~{theirs * scale / 60:.0f} min"
-          f" | peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB |")
+    rate_o, rate_t = ours / args.queries * 1000, theirs / nq * 1000
+    print(f"| memory {args.memory} x {args.dim} | ours: {args.queries} queries in {ours:.1f} s ({rate_o:.2f} s/1k) | "
+          f"scikit-learn: {nq} queries in {theirs:.1f} s ({rate_t:.2f} s/1k) | x{rate_t / rate_o:.1f} | "
+          f"52k: ours {rate_o * 52 / 60:.1f} min, scikit-learn {rate_t * 52 / 60:.1f} min | peak RSS ours "
+          f"{rss_ours:.1f} GiB, both {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB |")
+
+
+@torch.no_grad()
+def bench_eval(args, device):
+    """evaluate.py's cost per image (features, cosine to K class prototypes, upsampling to the label,
+    argmax) on a 512 x 683 test image (VOC/COCO-Stuff's short side 512), random weights: the teacher
+    (ViT-B-16 and RN50, whole image and 512-px slide windows at stride 341) and f (resnet101)."""
+    K, H, W = 171, 512, 683
+    owner = torch.arange(K, device=device)
+    print("| method | mode | ms / image | images / s |\n|---|---|---|---|")
+
+    def run(label, mode, feats_of, stride):
+        x = torch.rand(1, 3, H // stride * stride, W // stride * stride, device=device)
+        D = feats_of(x[:, :, :64, :64]).shape[1]
+        protos = torch.nn.functional.normalize(torch.randn(K, D, device=device), dim=1)
+
+        def one():
+            if mode == "whole":
+                s = class_scores(feats_of(x), protos, owner, K)
+            else:  # the windows evaluate.py --slide cuts: 512 wide, 341 apart
+                s = [class_scores(feats_of(x[:, :, :, x0:x0 + 512]), protos, owner, K)
+                     for x0 in sorted({0, min(341, x.shape[3] - 512), x.shape[3] - 512})]
+                s = s[0]
+            torch.nn.functional.interpolate(s, size=(H, W), mode="bilinear").argmax(1)
+        ms = timed(one, args.repeats, device)
+        print(f"| {label} | {mode} | {ms:.0f} | {1000 / ms:.2f} |")
+    for name in ("ViT-B-16", "RN50"):
+        clip = open_clip.create_model(name, pretrained_text=False).eval().to(device)
+        teacher = MaskCLIP(clip, {"name": name, "pretrained": "none", "weights": None, "quick_gelu": False})
+        run(f"MaskCLIP {name}", "whole", lambda x: teacher.dense(x)[0], teacher.stride)
+        run(f"MaskCLIP {name}", "slide", lambda x: teacher.dense(x)[0], teacher.stride)
+    f = PixelEmbedder(512, "resnet101", "none", 512).eval().to(device)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+        run("f (CLIP-S4, MaskCLIP+), resnet101", "whole", lambda x: f(x).float(), f.stride)
 
 
 def bench_train(args, device):
@@ -180,9 +218,10 @@ def bench_train(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dense", "text", "segment", "data", "train", "knn"])
+    p.add_argument("what", choices=["dense", "text", "segment", "data", "train", "knn", "eval"])
     p.add_argument("--memory", type=int, default=380000, help="knn: training segments in the memory")
-    p.add_argument("--queries", type=int, default=2000, help="knn: validation segments timed")
+    p.add_argument("--queries", type=int, default=2000, help="knn: validation segments timed (protocol: 52000)")
+    p.add_argument("--sk-queries", type=int, default=0, help="knn: time scikit-learn on only the first N (0: all)")
     p.add_argument("--dim", type=int, default=1024, help="knn: embedding dimension")
     p.add_argument("--backbone", default="resnet101", help="train: f's trunk")
     p.add_argument("--steps", type=int, default=3, help="train: steps to run (the last one is reported)")
@@ -198,7 +237,7 @@ def main():
     print(f"bench {args.what} | {torch.get_num_threads()} threads | device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "data": bench_data,
-     "train": bench_train, "knn": bench_knn}[args.what](args, device)
+     "train": bench_train, "knn": bench_knn, "eval": bench_eval}[args.what](args, device)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,13 @@ def atomic_save(img, path):
     os.replace(tmp, path)
 
 
+def atomic_torch_save(obj, path):
+    """torch.save through a temporary file and a rename: a crash never leaves half a checkpoint."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def write_json(path, obj):
     """Write a metrics dict as indented JSON, creating the folder (evaluate.py / knn.py --json)."""
     import json
@@ -514,6 +521,15 @@ def collate(items):
         same = all(torch.is_tensor(v) and v.shape == vals[0].shape for v in vals)
         out[k] = torch.stack(vals) if same else vals
     return out
+
+
+def majority_labels(ids, gt, num_classes, count):
+    """The ground-truth class most of a segment's labelled pixels have: ids (H, W) segment ids in
+    [0, count), gt (H, W) long with 255 = ignore -> (count,) long, -1 where no pixel is labelled."""
+    keep = gt != IGNORE
+    votes = torch.bincount(ids[keep] * num_classes + gt[keep], minlength=count * num_classes)
+    votes = votes.view(count, num_classes)
+    return torch.where(votes.sum(1) > 0, votes.argmax(1), -1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,15 +2,19 @@
 
 Each pixel takes the dataset class whose text prototype (85 templates) is nearest to the pixel's
 embedding; the scores come from one confusion matrix over the split. A class-free run (trained with
-names withheld) also reports known and unknown classes separately.
+names withheld) also reports known and unknown classes separately. Several runs at once (the four
+Pascal Context fold checkpoints, or the teacher with several --unknown-fold) add a mean +- std row, and
+where the supplementary has a number for the row (Tables 1-2: COCO-Stuff, Context with unknown
+classes) it is printed beside ours.
 
 The teacher alone (MaskCLIP), and trained runs (CLIP-S4, MaskCLIP+, SegSort-only checkpoints):
-    python evaluate.py --dataset context --data-root data/context --method maskclip --unknown-fold 0
-    python evaluate.py --dataset context --data-root data/context --checkpoint runs/ctx_f0/ckpt.pt
+    python evaluate.py --dataset context --data-root data/context --method maskclip --unknown-fold 0 1 2 3
+    python evaluate.py --dataset context --data-root data/context --checkpoint runs/ctx_f{0,1,2,3}/ckpt.pt
+    python evaluate.py --dataset cocostuff --checkpoint runs/coco_vit16/ckpt.pt --slide
 Toy world on a CPU (seconds):
     python evaluate.py --dataset toy --method maskclip --clip-config data/toy/toyclip.json \
         --clip-pretrained data/toy/toyclip.pt --size 64
-    python evaluate.py --dataset toy --checkpoint runs/toy_clips4/ckpt.pt --size 128 --json out/toy.json
+    python evaluate.py --dataset toy --checkpoint runs/toy_clips4/ckpt.pt --size 96 --json out/toy.json
 """
 import argparse
 import sys
@@ -24,11 +28,21 @@ from data import (CONTEXT_FOLDS, EvalImages, SegDataset, UserError, confusion_ma
                   write_json)
 from model import class_scores, key_smoothing, load_embedder, pick_device, prompt_denoising
 
+# The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name known,
+# by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std) over the
+# four folds. The main paper's mIoU tables are not in ../shared/paper, so no mIoU column.
+PAPER = {("cocostuff", "maskclip", "RN50"): ("22.0", "26.1"), ("cocostuff", "maskclip", "ViT-B-16"): ("27.7", "32.4"),
+         ("cocostuff", "maskclip+", "RN50"): ("26.1", "32.2"), ("cocostuff", "maskclip+", "ViT-B-16"): ("35.7", "39.9"),
+         ("cocostuff", "clip-s4", "RN50"): ("28.6", "36.2"), ("cocostuff", "clip-s4", "ViT-B-16"): ("36.8", "43.6"),
+         ("context-folds", "maskclip"): ("45.2", "46.4"), ("context-folds", "maskclip+"): ("43.1±4.3", "40.3±2.0"),
+         ("context-folds", "clip-s4"): ("54.4±1.0", "52.3±0.5")}
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
-    p.add_argument("--checkpoint", default=None, help="a train.py checkpoint (its CLIP comes with it)")
+    p.add_argument("--checkpoint", nargs="+", default=[], help="train.py checkpoints (each brings its CLIP); "
+                   "several (e.g. the four fold runs) add a mean +- std row")
     p.add_argument("--method", default=None, choices=["maskclip"], help="maskclip: the frozen teacher alone")
     p.add_argument("--clip", default="ViT-B-16", help="--method maskclip: open_clip model name")
     p.add_argument("--clip-pretrained", default="openai", help="--method maskclip: tag or weights file")
@@ -42,9 +56,13 @@ def get_args(argv=None):
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
     p.add_argument("--size", type=int, default=None, help="test short side (default 512; 520 for context)")
-    p.add_argument("--unknown-fold", type=int, default=None, help="teacher only: report fold K's classes as unknown")
+    p.add_argument("--unknown-fold", type=int, nargs="+", default=[], choices=range(4),
+                   help="teacher only: report fold K's classes as unknown (several: one row each, and mean +- std)")
     p.add_argument("--unknown-classes", nargs="+", default=[], help="teacher only: report these as unknown")
     p.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
+    p.add_argument("--slide", action="store_true", help="score overlapping windows and average (default: whole image)")
+    p.add_argument("--window", type=int, default=None, help="--slide: window side in pixels (default: --size)")
+    p.add_argument("--window-stride", type=int, default=None, help="--slide: step between windows (default: 2/3 window)")
     # Output
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -63,56 +81,141 @@ def subset_metrics(cm, names, subset):
             "mAcc": float(np.mean(accs)) if accs else 0.0, "per_class": {n: full["per_class"][n] for n in subset}}
 
 
+def slide_scores(score, x, window, step, stride):
+    """Class scores of image x (1, 3, H, W) as the average over overlapping window x window crops
+    (MMSegmentation's 'slide' mode, which MaskCLIP uses), at the network's output resolution.
+    score maps a crop to (1, K, h, w); window and step are rounded to multiples of `stride`."""
+    H, W = x.shape[2:]
+    win = max(stride, window // stride * stride)
+    step = max(stride, step // stride * stride)
+    ys = sorted({min(y, max(H - win, 0)) for y in range(0, max(H - win, 0) + step, step)})
+    xs = sorted({min(v, max(W - win, 0)) for v in range(0, max(W - win, 0) + step, step)})
+    total = count = None
+    for y in ys:
+        for x0 in xs:
+            s = score(x[:, :, y:y + win, x0:x0 + win])  # (1, K, hw, ww)
+            if total is None:
+                total = s.new_zeros(1, s.shape[1], H // stride, W // stride)
+                count = s.new_zeros(1, 1, H // stride, W // stride)
+            total[:, :, y // stride:y // stride + s.shape[2], x0 // stride:x0 // stride + s.shape[3]] += s
+            count[:, :, y // stride:y // stride + s.shape[2], x0 // stride:x0 // stride + s.shape[3]] += 1
+    return total / count
+
+
 @torch.no_grad()
-def main(args):
-    device = pick_device(args.device)
-    if bool(args.checkpoint) == bool(args.method):
-        raise UserError("give either --checkpoint PATH or --method maskclip")
-    # ---- model ----
-    embed, stride, teacher, run = load_embedder(args, device, with_keys=args.key_smoothing)
-    if run:
-        withheld, label = run["withheld"], run["method"]
-    else:
-        withheld, label = list(args.unknown_classes), "maskclip"
-        if args.unknown_fold is not None:
-            withheld += CONTEXT_FOLDS[args.unknown_fold]
-    # ---- data ----
+def confusion(args, checkpoint, device):
+    """One pass over the split for the teacher (checkpoint None) or one run: the confusion matrix,
+    the class names, the run (or None), what to call the row, and the CLIP model's name."""
+    embed, stride, teacher, run = load_embedder(argparse.Namespace(**{**vars(args), "checkpoint": checkpoint}),
+                                                device, with_keys=args.key_smoothing and not checkpoint)
     base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names)
     data = EvalImages(base, args.size, stride)
     names = [c.split(";")[0] for c in base.classes]
-    missing = [n for n in withheld if n not in names]
-    if missing:
-        raise UserError(f"unknown classes {missing} are not class names of {args.dataset}")
     protos, owner = teacher.text_prototypes(base.classes)
-    print(f"evaluate.py | {label} | {args.dataset} {args.split}: {len(base)} images, {len(names)} classes"
-          + (f" | unknown: {', '.join(withheld)}" if withheld else ""))
-    # ---- loop ----
     K = len(names)
+
+    def score(x):  # (1, 3, h, w) in [0, 1] -> (1, K, h', w') class scores (or smoothed probabilities)
+        feats, keys = embed(x)
+        s = class_scores(feats.float(), protos, owner, K)
+        if args.prompt_denoising and not checkpoint:
+            s = prompt_denoising(s)
+        if args.key_smoothing and keys is not None:
+            s = key_smoothing(s, keys)
+        return s
+
+    label = run["method"] if run else "maskclip"
+    print(f"evaluate.py | {label} | {args.dataset} {args.split}: {len(base)} images, {K} classes"
+          + (f" | unknown: {', '.join(run['withheld'])}" if run and run["withheld"] else ""))
     cm = np.zeros((K, K), np.int64)
     n = min(len(data), args.limit) if args.limit else len(data)
     for i in tqdm(range(n), desc="evaluating"):
         item = data[i]
-        feats, keys = embed(item["image"][None])  # (1, D, h, w)
-        scores = class_scores(feats.float(), protos, owner, K)  # (1, K, h, w)
-        if args.prompt_denoising and not args.checkpoint:
-            scores = prompt_denoising(scores)
-        if args.key_smoothing and keys is not None:
-            scores = key_smoothing(scores, keys)
+        x = item["image"][None].to(device)
+        if args.slide:
+            window = args.window or min(x.shape[2:])
+            scores = slide_scores(score, x, window, args.window_stride or 2 * window // 3, stride)
+        else:
+            scores = score(x)  # (1, K, h, w)
         scores = F.interpolate(scores, size=item["label"].shape, mode="bilinear", align_corners=False)
         cm += confusion_matrix(scores[0].argmax(0).cpu().numpy(), item["label"].numpy(), K)
-    # ---- report ----
+    return cm, names, run, label, teacher.info["name"]
+
+
+def scored(cm, names, withheld):
+    """The metrics dict of one row: all classes, plus known and unknown when names were withheld."""
+    missing = [n for n in withheld if n not in names]
+    if missing:
+        raise UserError(f"unknown classes {missing} are not class names of this dataset")
     result = segmentation_metrics(cm, names)
-    rows = [("all", result)]
     if withheld:
         result["known"] = subset_metrics(cm, names, [n for n in names if n not in withheld])
         result["unknown"] = subset_metrics(cm, names, withheld)
-        rows += [("known", result["known"]), ("unknown", result["unknown"])]
-    print("\n| method | classes | mIoU | pAcc | mAcc |\n|---|---|---|---|---|")
-    for which, m in rows:
-        print(f"| {label} | {which} | {m['mIoU']:.1f} | {m['pAcc']:.1f} | {m['mAcc']:.1f} |")
+    return result
+
+
+def mean_std(results):
+    """Mean and std (numpy's, ddof 0; the paper does not say which) of every number over the runs."""
+    def walk(items):
+        if isinstance(items[0], dict):
+            return {k: walk([r[k] for r in items]) for k in items[0] if all(k in r for r in items)}
+        vals = [v for v in items if v is not None]
+        return (float(np.mean(vals)), float(np.std(vals))) if vals else None
+    both = walk(results)
+
+    def pick(tree, j):
+        return {k: pick(v, j) for k, v in tree.items()} if isinstance(tree, dict) else (tree[j] if tree else None)
+    return pick(both, 0), pick(both, 1)
+
+
+def paper_numbers(dataset, label, clip, withheld):
+    """The supplementary's (pAcc, mAcc) for this row, or ('', '')."""
+    fold_names = [sorted(f) for f in CONTEXT_FOLDS]
+    if dataset == "context" and sorted(withheld) in fold_names:
+        return PAPER.get(("context-folds", label), ("", ""))
+    if dataset == "cocostuff" and not withheld:
+        return PAPER.get(("cocostuff", label, clip), ("", ""))
+    return "", ""
+
+
+def main(args):
+    device = pick_device(args.device)
+    if bool(args.checkpoint) == bool(args.method):
+        raise UserError("give either --checkpoint PATH [PATH ...] or --method maskclip")
+    rows, results = [], []  # rows: (method, clip, which runs, withheld, result)
+    if args.method:
+        splits = [CONTEXT_FOLDS[k] for k in args.unknown_fold] or [[]]
+        names = [c.split(";")[0] for c in SegDataset(args.dataset, args.data_root, args.split,
+                                                     class_names=args.class_names).classes]
+        scored(np.zeros((len(names),) * 2, np.int64), names, list(args.unknown_classes) + sum(splits, []))  # names first
+        cm, names, _, label, clip = confusion(args, None, device)
+        for fold, extra in zip(args.unknown_fold or [None], splits):
+            withheld = list(args.unknown_classes) + list(extra)
+            results.append(scored(cm, names, withheld))
+            rows.append((label, clip, f"fold {fold}" if fold is not None else "", withheld, results[-1]))
+    for path in args.checkpoint:
+        cm, names, run, label, clip = confusion(args, path, device)
+        results.append(scored(cm, names, run["withheld"]))
+        rows.append((label, clip, path, run["withheld"], results[-1]))
+    # ---- report: one markdown table, the supplementary's numbers beside ours ----
+    print("\n| method | CLIP | run | classes | mIoU | pAcc | mAcc | paper pAcc | paper mAcc |\n" + "|---" * 9 + "|")
+    for label, clip, which, withheld, r in rows:
+        paper = paper_numbers(args.dataset, label, clip, withheld)
+        for part in ["all"] + (["known", "unknown"] if withheld else []):
+            m = r if part == "all" else r[part]
+            p = paper if part == "all" else ("", "")
+            print(f"| {label} | {clip} | {which} | {part} | {m['mIoU']:.1f} | {m['pAcc']:.1f} | {m['mAcc']:.1f} "
+                  f"| {p[0]} | {p[1]} |")
+    result = results[0]
+    if len(results) > 1:
+        mean, std = mean_std(results)
+        for part in ["all"] + [k for k in ("known", "unknown") if k in mean]:
+            m, s = (mean, std) if part == "all" else (mean[part], std[part])
+            print(f"| mean ± std of {len(results)} | | | {part} | " + " | ".join(
+                f"{m[k]:.1f} ± {s[k]:.1f}" for k in ("mIoU", "pAcc", "mAcc")) + " | | |")
+        result = {**mean, "std": std, "runs": [{"method": r[0], "run": r[2], **r[4]} for r in rows]}
     print("per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in result["per_class"].items() if v is not None))
     if args.json:
-        write_json(args.json, {"method": label, **result})
+        write_json(args.json, {"method": rows[0][0], **result})
     return result
 
 

@@ -14,11 +14,20 @@ Toy world on a CPU (about a minute):
 
 The training-segment memory (about 380k x D on VOC trainaug) is written next to --memory-dir and
 reused by later runs with the same model, dataset and protocol.
+
+Linear probe (supplementary A.1: a 1x1 linear classifier on the frozen embeddings, 60k iterations,
+lr 0.1 with poly decay, 512 crops, batch 16). Running the same command again continues an unfinished
+probe from its last save, or scores a finished one:
+    python knn.py --dataset voc --data-root data/voc --checkpoint runs/voc_vit16/ckpt.pt --probe
+    python knn.py --dataset toy --checkpoint runs/toy_clips4/ckpt.pt --size 96 --probe --probe-iters 500 \
+        --crop-size 96
+On VOC the supplementary's numbers (Table 3: pAcc, mAcc; Table 4: per-class k-NN IoU) are printed beside ours.
 """
 import argparse
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +35,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (IGNORE, EvalImages, SegDataset, UserError, confusion_matrix, knn_vote, segmentation_metrics,
-                  write_json)
-from losses import kmeans_segments, segment_means
+from data import (IGNORE, EvalImages, SegDataset, UserError, atomic_torch_save, confusion_matrix, knn_vote,
+                  majority_labels, resize_for_teacher, resize_labels, segmentation_metrics, write_json)
+from losses import image_segments
 from model import load_embedder, pick_device
+
+# The supplementary's k-NN numbers on Pascal VOC 2012 (21 classes): Table 3 (pAcc, mAcc) and Table 4
+# (per-class IoU, background first, VOC order).
+PAPER_VOC = {
+    "maskclip": ((91.9, 77.6), [90.5, 69.7, 43.0, 78.4, 59.4, 55.5, 78.3, 77.7, 83.5, 30.9, 77.4, 48.3, 80.5, 77.1,
+                                73.1, 79.1, 59.9, 77.9, 39.5, 77.6, 56.2]),
+    "maskclip+": ((90.9, 78.6), [89.5, 66.2, 34.1, 75.4, 56.3, 64.4, 84.4, 78.0, 82.9, 25.2, 75.7, 48.5, 77.7, 74.2,
+                                 72.8, 74.7, 43.6, 70.8, 37.2, 76.0, 58.6]),
+    "clip-s4": ((93.2, 83.0), [92.4, 83.5, 37.6, 85.7, 69.4, 75.3, 89.5, 79.9, 87.9, 28.2, 83.1, 57.5, 83.9, 82.4,
+                               76.7, 80.1, 50.6, 80.5, 42.4, 81.4, 63.2]),
+    "segsort": ((86.9, None), [87.6, 59.8, 26.4, 58.3, 39.9, 46.2, 64.0, 61.7, 69.5, 9.5, 31.3, 30.4, 59.4, 36.2,
+                               52.5, 63.4, 16.5, 42.4, 26.8, 58.9, 52.1])}
 
 
 def get_args(argv=None):
@@ -51,29 +72,128 @@ def get_args(argv=None):
     p.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations")
     p.add_argument("--k", type=int, default=20, help="nearest training segments that vote")
     p.add_argument("--chunk", type=int, default=4096, help="queries per retrieval matmul")
+    # Linear probe (supplementary A.1)
+    p.add_argument("--probe", action="store_true", help="train and score a linear probe instead of k-NN")
+    p.add_argument("--probe-iters", type=int, default=60000, help="probe iterations (paper: 60k)")
+    p.add_argument("--probe-lr", type=float, default=0.1, help="probe learning rate, poly decay (paper: 0.1)")
+    p.add_argument("--crop-size", type=int, default=512, help="probe training crops (paper: 512)")
+    p.add_argument("--batch-size", type=int, default=16, help="probe batch (paper: 16)")
+    p.add_argument("--save-every", type=int, default=1000, help="probe: save every N iterations")
+    p.add_argument("--stop-after", type=int, default=0, help="probe: save and stop after N iterations of this call")
+    p.add_argument("--workers", type=int, default=2, help="probe: DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
     # Output
-    p.add_argument("--memory-dir", default="out/knn_memory", help="where training-segment memories are kept")
+    p.add_argument("--memory-dir", default="out/knn_memory", help="where training-segment memories and probes are kept")
     p.add_argument("--json", default=None)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return p.parse_args(argv)
 
 
 @torch.no_grad()
-def image_segments(embed, item, n_segments, iters, num_classes):
+def segments_and_labels(embed, item, n_segments, iters, num_classes):
     """Segments of one image: unit embeddings (S, D), their majority label (S,) (-1: all ignore), and the
     segment map (H, W) at label size."""
-    feats = embed(item["image"][None])  # (1, D, h, w)
-    g = int(round(n_segments ** 0.5))
-    seg = kmeans_segments(feats, torch.zeros(feats.shape[0], *feats.shape[2:], dtype=torch.long,
-                                              device=feats.device), views=1, grid=(g, g), iters=iters, lam=1.0)
-    emb = segment_means(feats, seg)  # (S, D)
+    seg, emb = image_segments(embed(item["image"][None]), n_segments, iters)
     ids = F.interpolate(seg.ids[None].float(), size=item["label"].shape, mode="nearest")[0, 0].long().cpu()
-    gt = item["label"].long()
-    keep = gt != IGNORE
-    votes = torch.bincount(ids[keep] * num_classes + gt[keep], minlength=seg.count * num_classes)
-    votes = votes.view(seg.count, num_classes)
-    labels = torch.where(votes.sum(1) > 0, votes.argmax(1), -1)
-    return emb, labels, ids
+    return emb, majority_labels(ids, item["label"].long(), num_classes, seg.count), ids
+
+
+class ProbeCrops(torch.utils.data.Dataset):
+    """Training crops for the probe: the image at short side `side`, a random crop x crop (padded with
+    ignore where the image is smaller) and a random flip, drawn from a per-sample seed so that any
+    step can be replayed (exact resume, any number of workers). Item (i, seed) -> image, label."""
+
+    def __init__(self, base, side, crop, stride):
+        self.base, self.side, self.crop, self.stride = base, side, crop, stride
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, seed = key
+        g = np.random.default_rng(seed)
+        item = self.base[i]
+        x = resize_for_teacher(item["image"], self.side, self.stride, 4096)  # (3, h, w)
+        y = torch.from_numpy(resize_labels(item["label"], x.shape[1:]).astype(np.int64))
+        c = self.crop
+        pad = (0, max(0, c - x.shape[2]), 0, max(0, c - x.shape[1]))
+        x, y = F.pad(x, pad), F.pad(y, pad, value=IGNORE)
+        y0, x0 = g.integers(x.shape[1] - c + 1), g.integers(x.shape[2] - c + 1)
+        x, y = x[:, y0:y0 + c, x0:x0 + c], y[y0:y0 + c, x0:x0 + c]
+        if g.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        return x, y
+
+
+def probe_batches(n_items, batch, seed, start):
+    """Step s draws its items and their crop seeds from an RNG seeded by (seed, s)."""
+    step = start
+    while True:
+        g = np.random.default_rng([seed, step])
+        yield list(zip(g.integers(n_items, size=batch).tolist(), g.integers(2 ** 31, size=batch).tolist()))
+        step += 1
+
+
+def linear_probe(args, embed, stride, label, ident, device, train, val, K):
+    """Train (or continue, or reuse) the 1x1 classifier on frozen embeddings; return the val confusion."""
+    key = hashlib.sha1(json.dumps(ident + [args.dataset, str(args.data_root), args.size, args.crop_size,
+                                           args.batch_size, args.probe_iters, args.probe_lr, args.seed])
+                       .encode()).hexdigest()[:16]
+    path = Path(args.memory_dir) / f"probe_{label}_{args.dataset}_{key}.pt"
+    D = embed(torch.zeros(1, 3, 4 * stride, 4 * stride, device=device)).shape[1]
+    torch.manual_seed(args.seed)
+    clf = torch.nn.Conv2d(D, K, 1).to(device)
+    opt = torch.optim.SGD(clf.parameters(), lr=args.probe_lr, momentum=0.9)  # momentum: our choice
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - min(s, args.probe_iters - 1) / args.probe_iters) ** 0.9)
+    step = 0
+    if path.is_file():
+        ck = torch.load(path, map_location=device, weights_only=True)
+        clf.load_state_dict(ck["classifier"]), opt.load_state_dict(ck["optimizer"]), sched.load_state_dict(ck["scheduler"])
+        step = ck["step"]
+        print(f"probe: continuing {path} at step {step}/{args.probe_iters}")
+    crops = ProbeCrops(train, args.size, args.crop_size, stride)
+    loader = torch.utils.data.DataLoader(crops, batch_sampler=probe_batches(len(train), args.batch_size, args.seed, step),
+                                         num_workers=args.workers)
+
+    def save():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"classifier": clf.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "step": step}, path)
+    if step < args.probe_iters:
+        bar, it, t0 = tqdm(total=args.probe_iters, initial=step, desc="linear probe"), iter(loader), time.perf_counter()
+        stop = min(args.probe_iters, step + args.stop_after) if args.stop_after else args.probe_iters
+        try:
+            while step < stop:
+                x, y = next(it)
+                with torch.no_grad():
+                    feats = embed(x.to(device)).float()  # (B, D, h, w), frozen
+                logits = F.interpolate(clf(feats), size=y.shape[1:], mode="bilinear", align_corners=False)
+                loss = F.cross_entropy(logits, y.to(device), ignore_index=IGNORE)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if step % args.save_every == 0 or step == stop:
+                    save()
+        except KeyboardInterrupt:
+            save()
+            sys.exit(f"interrupted: probe saved at step {step} in {path}; run the same command to continue")
+        bar.close()
+        print(f"probe: at step {step}/{args.probe_iters} after {time.perf_counter() - t0:.0f} s, saved to {path}")
+        if step < args.probe_iters:
+            sys.exit(0)  # --stop-after: the same command continues it
+    cm = np.zeros((K, K), np.int64)
+    data = EvalImages(val, args.size, stride)
+    with torch.no_grad():
+        for i in tqdm(range(len(data)), desc="probe on val"):
+            item = data[i]
+            logits = clf(embed(item["image"][None].to(device)).float())
+            pred = F.interpolate(logits, size=item["label"].shape, mode="bilinear", align_corners=False)[0].argmax(0)
+            cm += confusion_matrix(pred.cpu().numpy(), item["label"].numpy(), K)
+    return cm
 
 
 def main(args):
@@ -92,6 +212,9 @@ def main(args):
     names = [c.split(";")[0] for c in val.classes]
     K = len(names)
     n_train = min(len(train), args.limit_train) if args.limit_train else len(train)
+    if args.probe:
+        cm = linear_probe(args, embed, stride, label, ident, device, train, val, K)
+        return report(args, cm, names, label, "linear probe")
     # ---- memory of training segments (cached on disk) ----
     key = hashlib.sha1(json.dumps(ident + [args.dataset, str(args.data_root), args.size, args.segments,
                                            args.kmeans_iters, n_train]).encode()).hexdigest()[:16]
@@ -103,7 +226,7 @@ def main(args):
         rows, labs = [], []
         data = EvalImages(train, args.size, stride)
         for i in tqdm(range(n_train), desc="training segments"):
-            emb, lab, _ = image_segments(embed, data[i], args.segments, args.kmeans_iters, K)
+            emb, lab, _ = segments_and_labels(embed, data[i], args.segments, args.kmeans_iters, K)
             rows.append(emb[lab >= 0].half().cpu())
             labs.append(lab[lab >= 0])
         memory, mem_labels = torch.cat(rows), torch.cat(labs)
@@ -116,15 +239,28 @@ def main(args):
     data = EvalImages(val, args.size, stride)
     for i in tqdm(range(len(data)), desc="validation segments"):
         item = data[i]
-        emb, _, ids = image_segments(embed, item, args.segments, args.kmeans_iters, K)
+        emb, _, ids = segments_and_labels(embed, item, args.segments, args.kmeans_iters, K)
         pred = knn_vote(emb.float(), memory, mem_labels, args.k, K, args.chunk).cpu()[ids]  # (H, W)
         cm += confusion_matrix(pred.numpy(), item["label"].numpy(), K)
+    return report(args, cm, names, label, "k-NN")
+
+
+def report(args, cm, names, label, protocol):
+    """Print ours (and on VOC the supplementary's k-NN numbers beside them), write --json."""
     result = segmentation_metrics(cm, names)
-    print(f"\n| method | k-NN mIoU | pAcc | mAcc |\n|---|---|---|---|\n"
-          f"| {label} | {result['mIoU']:.1f} | {result['pAcc']:.1f} | {result['mAcc']:.1f} |")
-    print("per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in result["per_class"].items() if v is not None))
+    paper = PAPER_VOC.get(label) if args.dataset == "voc" and protocol == "k-NN" and len(names) == 21 else None
+    print("\n| method | protocol | mIoU | pAcc | mAcc |" + (" paper pAcc | paper mAcc |" if paper else "")
+          + "\n|---|---|---|---|---|" + ("---|---|" if paper else ""))
+    print(f"| {label} | {protocol} | {result['mIoU']:.1f} | {result['pAcc']:.1f} | {result['mAcc']:.1f} |"
+          + (f" {paper[0][0]} | {paper[0][1] or '-'} |" if paper else ""))
+    if paper:
+        print("\n| class | IoU | paper IoU (Table 4) |\n|---|---|---|")
+        for (n, v), ref in zip(result["per_class"].items(), paper[1]):
+            print(f"| {n} | {'-' if v is None else f'{v:.1f}'} | {ref} |")
+    else:
+        print("per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in result["per_class"].items() if v is not None))
     if args.json:
-        write_json(args.json, {"method": label, "protocol": "knn", **result})
+        write_json(args.json, {"method": label, "protocol": "probe" if protocol == "linear probe" else "knn", **result})
     return result
 
 

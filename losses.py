@@ -63,6 +63,17 @@ def segment_means(x, seg):
     return F.normalize(sums, dim=1)
 
 
+@torch.no_grad()
+def image_segments(feats, n_segments=36, iters=20):
+    """Segments of single images for evaluation and figures (knn.py, visualize.py): k-means on
+    embedding + position from a sqrt(n) x sqrt(n) grid, no superpixels.
+    feats (1, D, h, w) unit -> (Segments, their unit mean embeddings (S, D))."""
+    g = int(round(n_segments ** 0.5))
+    regions = torch.zeros(feats.shape[0], *feats.shape[2:], dtype=torch.long, device=feats.device)
+    seg = kmeans_segments(feats, regions, views=1, grid=(g, g), iters=iters, lam=1.0)
+    return seg, segment_means(feats, seg)
+
+
 def pixel_sample(seg, max_pixels, generator=None):
     """Indices of valid pixels (into the flattened BV*h*w grid), at most max_pixels of them."""
     idx = (seg.ids.reshape(-1) >= 0).nonzero().squeeze(1)

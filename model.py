@@ -368,6 +368,13 @@ class MaskCLIP(nn.Module):
         return protos.to(self.device), owner.to(self.device)
 
 
+def class_embeddings(teacher, names):
+    """One unit text embedding per class, (K, D): the normalised sum of its synonyms' prototypes.
+    The fixed classifier of L_s and MaskCLIP+ (train.py) and the class points of visualize.py."""
+    protos, owner = teacher.text_prototypes(names)
+    return F.normalize(torch.zeros(len(names), protos.shape[1], device=protos.device).index_add_(0, owner, protos), dim=1)
+
+
 def weights_id(info):
     """What identifies loaded weights in a cache key: the tag, or a file's path, size and mtime."""
     w = info.get("weights")

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import CONTEXT_FOLDS, SegDataset, TwoViews, UserError, collate, warp
+from data import CONTEXT_FOLDS, SegDataset, TwoViews, UserError, atomic_torch_save, collate, warp
 from losses import (UnknownPrototypes, embedding_consistency, kmeans_segments, pixel_sample,
                     pixel_segment_contrastive, pseudo_label_loss, segment_means, semantic_consistency)
-from model import MaskCLIP, PixelEmbedder, load_clip
+from model import MaskCLIP, PixelEmbedder, class_embeddings, load_clip
 
 
 def get_args(argv=None):
@@ -65,6 +65,8 @@ def get_args(argv=None):
     p.add_argument("--max-pixels", type=int, default=4096, help="pixels per step scored by L_c and L_s [choice]")
     p.add_argument("--unknown-protos", type=int, default=20, help="M unknown prototypes [choice]")
     p.add_argument("--unknown-tau", type=float, default=0.5, help="CLIP confidence below which a segment is unknown [choice]")
+    p.add_argument("--unknown-scale", type=float, default=100.0, help="softmax scale of that confidence (method.md: "
+                   "100); 0 = CLIP's own logit scale, the same for OpenAI's CLIPs, 15.5 for the toy CLIP [choice]")
     p.add_argument("--self-train-after", type=float, default=0.1, help="maskclip+: share of training on teacher labels")
     # Optim
     p.add_argument("--iters", type=int, default=20000, help="training iterations (paper: 20k)")
@@ -120,12 +122,6 @@ def batches(data, args, start_step, rank=0, world=1):
             step += 1
 
 
-def save(ckpt, path):
-    tmp = Path(path).with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
 def teacher_maps(teacher, batch, size, device):
     """CLIP's dense map of each un-augmented source, warped onto both views: (B*V, D, h, w), unit."""
     maps = []
@@ -179,13 +175,12 @@ def main(args):
                     cache_dir=out / "superpixels", seed=args.seed)
 
     # ---- model: f, the text prototypes of the known names, the unknown prototypes ----
-    protos, owner = teacher.text_prototypes(known)
-    text = F.normalize(torch.zeros(len(known), protos.shape[1], device=device).index_add_(0, owner, protos), dim=1)
+    text = class_embeddings(teacher, known)  # (K, D)
     kappa_s = args.kappa_s or float(clip.logit_scale.exp())
     f = PixelEmbedder(text.shape[1], args.backbone, args.backbone_weights, args.head_dim).to(device)
     net = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f  # f stays the unwrapped module
     unknown = UnknownPrototypes(args.unknown_protos if args.method == "clip-s4" else 0, text.shape[1],
-                                tau=args.unknown_tau).to(device)
+                                tau=args.unknown_tau, scale=args.unknown_scale or float(clip.logit_scale.exp())).to(device)
 
     # ---- optimizer: SGD, head x10, warm-up then poly decay ----
     head = {id(p) for p in f.head_parameters()}
@@ -312,10 +307,10 @@ def main(args):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if lead and (step % args.save_every == 0 or step == stop):
-                save(checkpoint(), ckpt_path)
+                atomic_torch_save(checkpoint(), ckpt_path)
     except KeyboardInterrupt:
         if lead:
-            save(checkpoint(), ckpt_path)
+            atomic_torch_save(checkpoint(), ckpt_path)
         print(f"interrupted: saved step {step} to {ckpt_path}")
         sys.exit(130)
     if lead:

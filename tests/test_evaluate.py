@@ -28,6 +28,18 @@ def test_checkpoint_evaluates_with_its_own_withheld_names(toy_world, tmp_path):
     m = evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root), "--checkpoint",
                                          str(tmp_path / "run" / "ckpt.pt"), "--size", "64", "--limit", "4"]))
     assert list(m["unknown"]["per_class"]) == ["kite"] and 0 <= m["mIoU"] <= 100
+    # two runs (as the four fold runs): each row as alone, then their mean and std
+    train.main(args_for(root, tmp_path / "run2", "--iters", "1", "--unknown-classes", "kite", "--seed", "1"))
+    m2 = evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root), "--checkpoint",
+                                          str(tmp_path / "run2" / "ckpt.pt"), "--size", "64", "--limit", "4"]))
+    both = evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root), "--checkpoint",
+                                            str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "run2" / "ckpt.pt"),
+                                            "--size", "64", "--limit", "4", "--json", str(tmp_path / "b.json")]))
+    for part in (lambda r: r, lambda r: r["unknown"]):
+        for k in ("mIoU", "pAcc", "mAcc"):
+            assert part(both)[k] == pytest.approx((part(m)[k] + part(m2)[k]) / 2)
+            assert part(both["std"])[k] == pytest.approx(abs(part(m)[k] - part(m2)[k]) / 2)
+    assert len(json.loads((tmp_path / "b.json").read_text())["runs"]) == 2
     with pytest.raises(evaluate.UserError, match="either"):
         evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root)]))
 
@@ -57,3 +69,42 @@ def test_knn_protocol_runs_and_reuses_memory(toy_world, tmp_path, capsys):
     assert "written to" in capsys.readouterr().out and 0 < first["pAcc"] <= 100
     second = knn.main(knn.get_args(argv))
     assert "segments from" in capsys.readouterr().out and second == first
+
+
+def test_slide_equals_whole_image_for_a_pointwise_scorer():
+    import torch
+    import torch.nn.functional as F
+    x = torch.rand(1, 3, 40, 56)
+    score = lambda crop: F.avg_pool2d(crop, 8)  # noqa: E731  per 8x8 cell: windows agree where they overlap
+    for window, step in ((24, 16), (16, 8), (64, 64)):
+        torch.testing.assert_close(evaluate.slide_scores(score, x, window, step, 8), score(x))
+
+
+def test_paper_columns_and_mean_std():
+    from data import CONTEXT_FOLDS
+    assert evaluate.paper_numbers("cocostuff", "clip-s4", "ViT-B-16", []) == ("36.8", "43.6")
+    assert evaluate.paper_numbers("context", "maskclip+", "RN50", list(reversed(CONTEXT_FOLDS[2]))) == \
+        ("43.1±4.3", "40.3±2.0")
+    assert evaluate.paper_numbers("context", "clip-s4", "ViT-B-16", ["sky"]) == ("", "")
+    runs = [{"mIoU": 10.0, "per_class": {"a": 20.0, "b": None}}, {"mIoU": 30.0, "per_class": {"a": 40.0, "b": 5.0}}]
+    mean, std = evaluate.mean_std(runs)
+    assert mean == {"mIoU": 20.0, "per_class": {"a": 30.0, "b": 5.0}}
+    assert std == {"mIoU": 10.0, "per_class": {"a": 10.0, "b": 0.0}}
+
+
+def test_linear_probe_learns_and_resumes_exactly(toy_world, tmp_path):
+    import knn
+    import torch
+    root, _ = toy_world
+    argv = ["--dataset", "toy", "--data-root", str(root), "--method", "maskclip", "--clip-config",
+            str(root / "toyclip.json"), "--clip-pretrained", str(root / "toyclip.pt"), "--size", "64", "--probe",
+            "--probe-iters", "8", "--crop-size", "48", "--batch-size", "4", "--workers", "0", "--save-every", "2"]
+    straight = knn.main(knn.get_args(argv + ["--memory-dir", str(tmp_path / "a")]))
+    assert 0 < straight["pAcc"] <= 100
+    with pytest.raises(SystemExit) as stop:  # save and stop at step 3, then the same command continues
+        knn.main(knn.get_args(argv + ["--memory-dir", str(tmp_path / "b"), "--stop-after", "3"]))
+    assert stop.value.code == 0
+    halves = knn.main(knn.get_args(argv + ["--memory-dir", str(tmp_path / "b")]))
+    (a,), (b,) = (list((tmp_path / d).glob("probe_*.pt")) for d in "ab")
+    wa, wb = (torch.load(p, weights_only=True)["classifier"] for p in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and halves == straight

@@ -1,0 +1,439 @@
+"""visualize.py: the paper's figures, drawn from our checkpoints on any dataset (supplementary A.5-A.6).
+
+  1. qualitative.png     image | ground truth | one column per method, segmented with the given class
+                         names; the legend marks the names that were not given in training (Fig. 1)
+  2. embeddings_umap.png per class, each method's average pixel embedding and the class's text
+                         embedding, projected together with UMAP (Fig. 2)
+  3. unknown_classes.png for each unknown prototype CLIP-S4 learned, a strip of the validation
+                         segments assigned to it (Fig. 3)
+  4. segment_map.png     segment embeddings projected with UMAP, each drawn as its image patch, framed
+                         green when it belongs to a known class and orange when not (Fig. 4)
+
+Methods: the teacher alone (--method maskclip) and/or up to three train.py checkpoints:
+    python visualize.py --dataset context --method maskclip \
+        --checkpoint runs/ctx_mcp/ckpt.pt runs/ctx_f0/ckpt.pt --classes sky grass dog boat
+Toy world on a CPU (about a minute):
+    python visualize.py --dataset toy --method maskclip --clip-config data/toy/toyclip.json \
+        --clip-pretrained data/toy/toyclip.pt --teacher-size 64 --size 96 \
+        --checkpoint runs/toy_cf_mcp/ckpt.pt runs/toy_cf_clips4/ckpt.pt --out-dir docs/figures
+"""
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from data import (EVAL_SIDE, IGNORE, SegDataset, UserError, majority_labels, palette, resize_for_teacher)
+from losses import UnknownPrototypes, image_segments, segment_means
+from model import MaskCLIP, class_embeddings, class_scores, load_clip, load_run, pick_device
+
+PRETTY = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4", "segsort": "SegSort-only"}
+GREEN, ORANGE = "#2ca02c", "#ff7f0e"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Methods
+    p.add_argument("--method", default=None, choices=["maskclip"], help="also draw the frozen teacher alone")
+    p.add_argument("--checkpoint", nargs="+", default=[], help="up to three train.py checkpoints, drawn in this order")
+    p.add_argument("--labels", nargs="+", default=None, help="display names, one per method (default: from the runs)")
+    p.add_argument("--clip", default="ViT-B-16", help="--method maskclip without checkpoints: open_clip name")
+    p.add_argument("--clip-pretrained", default="openai")
+    p.add_argument("--clip-config", default=None)
+    p.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto")
+    # Data
+    p.add_argument("--dataset", default="voc", choices=["voc", "context", "cocostuff", "folder", "toy"])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="val")
+    p.add_argument("--size", type=int, default=None, help="short side for the checkpoints (default as evaluate.py)")
+    p.add_argument("--teacher-size", type=int, default=None, help="short side for the teacher (default: --size)")
+    p.add_argument("--classes", nargs="+", default=None, help="Fig. 1: the names to segment with (default: the dataset's)")
+    p.add_argument("--unknown-classes", nargs="+", default=[], help="teacher only: names to mark as unknown")
+    # Figures
+    p.add_argument("--figures", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    p.add_argument("--images", type=int, default=4, help="Fig. 1: number of images (chosen under --seed)")
+    p.add_argument("--image-ids", nargs="+", default=None, help="Fig. 1: these image ids instead")
+    p.add_argument("--pass-images", type=int, default=200, help="Figs. 2-4: images in the embedding pass (0: all)")
+    p.add_argument("--segments", type=int, default=16, help="Figs. 3-4: k-means segments per image [choice]")
+    p.add_argument("--strip", type=int, default=8, help="Fig. 3: segments shown per unknown prototype")
+    p.add_argument("--map-method", type=int, default=None, help="Fig. 4: index of the method (default: CLIP-S4)")
+    p.add_argument("--map-cells", type=int, default=24, help="Fig. 4: at most one patch per cell of a C x C grid")
+    p.add_argument("--frame", choices=["model", "truth"], default="model",
+                   help="Fig. 4: unknown = assigned to no known name by the method (model), or ground truth "
+                        "withheld / unlabelled (truth) [choice: the paper does not say]")
+    p.add_argument("--assign", choices=["clip", "student"], default="clip",
+                   help="Figs. 3-4, CLIP-S4 runs: which embedding of a segment picks its unknown prototype: "
+                        "CLIP's, as in training (clip), or the trained network's (student) [choice]")
+    p.add_argument("--tau", type=float, default=0.5, help="Fig. 4 --frame model, methods without unknown "
+                   "prototypes: a segment is unknown when its softmax (scale 100) over known names is below tau")
+    # Output
+    p.add_argument("--out-dir", default="out/figures")
+    p.add_argument("--dpi", type=int, default=130)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: what each column of the figures is
+# ----------------------------------------------------------------------------------------------
+def load_methods(args, device, names):
+    """A list of dicts: label, embed (images -> unit features), stride, size, teacher, text (K, D) of
+    the dataset's names, known (names given in training), unknown (UnknownPrototypes or None)."""
+    if not args.method and not args.checkpoint:
+        raise UserError("give --method maskclip and/or --checkpoint PATH [PATH ...]")
+    if len(args.checkpoint) > 3:
+        raise UserError(f"--checkpoint: at most three, got {len(args.checkpoint)}")
+    methods, side = [], args.size or EVAL_SIDE.get(args.dataset, 512)
+    for path in args.checkpoint:
+        f, teacher, run = load_run(path, device)
+        unknown = None
+        if run["method"] == "clip-s4" and run["unknown"]["protos"].shape[0] > 0:
+            a = run["args"]  # the rule of training: its tau, and its scale (0: CLIP's own; older runs: 100)
+            unknown = UnknownPrototypes(*run["unknown"]["protos"].shape, tau=a["unknown_tau"],
+                                        scale=a.get("unknown_scale", 100.0) or float(teacher.clip.logit_scale.exp()))
+            unknown.load_state_dict(run["unknown"])
+            unknown = unknown if bool(unknown.started) else None
+        methods.append(dict(label=PRETTY.get(run["method"], run["method"]), embed=f, stride=f.stride, size=side,
+                            teacher=teacher, known=[c.split(";")[0] for c in run["known"]], unknown=unknown,
+                            trained=True))
+        if unknown is not None:  # the text side of the modality-gap shift, as in training
+            methods[-1]["unknown_text"] = class_embeddings(teacher, run["known"])
+    if args.method:
+        teacher = methods[0]["teacher"] if methods else MaskCLIP(*load_clip(
+            args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device)).to(device)
+        known = [n for n in names if n not in args.unknown_classes]
+        methods.insert(0, dict(label="MaskCLIP", embed=teacher.dense, stride=teacher.stride,
+                               size=args.teacher_size or side, teacher=teacher, known=known, unknown=None,
+                               trained=False))
+    labels = args.labels or [m["label"] for m in methods]
+    if len(labels) != len(methods):
+        raise UserError(f"--labels: {len(labels)} names for {len(methods)} methods")
+    for m, label in zip(methods, labels):
+        m["label"] = label + (f" #{labels[:methods.index(m)].count(label) + 1}" if labels.count(label) > 1 else "")
+        m["text"] = class_embeddings(m["teacher"], names)
+    return methods
+
+
+@torch.no_grad()
+def features(m, img):
+    """Unit pixel embeddings of one uint8 image (H, W, 3) for method m: (D, h, w) on the CPU."""
+    x = resize_for_teacher(img, m["size"], m["stride"], 2048)[None].to(m["teacher"].device)
+    out = m["embed"](x)
+    return (out[0] if isinstance(out, tuple) else out)[0].float().cpu()
+
+
+def assign_unknown(m, p, known_idx, rule, tau):
+    """Which segments method m leaves to no known name, and the unknown prototype of each.
+    CLIP-S4 runs, rule "clip" (training's rule, losses.UnknownPrototypes.targets): CLIP's segment
+    embedding c_s is unknown when its softmax over the known names is below the run's tau, and goes
+    to its nearest prototype. Rule "student": the network's own segment embedding against
+    [known text ; shifted prototypes], as in L_s. Other methods: their segment embedding's softmax
+    (scale 100) over the known names below `tau`.
+    Returns unknown (S,) bool, prototype (S,) long (-1 for known), score (S,) for ordering."""
+    if m["unknown"] is None:
+        conf = F.softmax(100 * p["emb"] @ m["text"].cpu()[known_idx].T, dim=1).amax(1)
+        return conf < tau, torch.full_like(conf, -1, dtype=torch.long), -conf
+    u, text = m["unknown"], m["unknown_text"].cpu()  # the run's own known names, as in training
+    if rule == "clip":
+        targets, unknown = u.targets(p["cs"], text)
+        proto = torch.where(unknown, targets - len(text), -1)
+        score = (p["cs"] @ u.protos.T).amax(1)
+    else:
+        score, j = (p["emb"] @ torch.cat([text, u.shifted(text)]).T).max(1)
+        unknown = j >= len(text)
+        proto = torch.where(unknown, j - len(text), -1)
+    return unknown, proto, score
+
+
+def thumbnail(img, ids_full, s, side=48):
+    """The patch of segment s: its bounding box, pixels outside the segment faded to white."""
+    ys, xs = np.nonzero(ids_full == s)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = img[y0:y1, x0:x1].astype(np.float32)
+    inside = (ids_full[y0:y1, x0:x1] == s)[..., None]
+    crop = np.where(inside, crop, 0.25 * crop + 0.75 * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(crop).resize((side, side), Image.BILINEAR))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 1: qualitative comparison
+# ----------------------------------------------------------------------------------------------
+def figure_qualitative(methods, base, picks, class_names, known, dataset_names):
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    K = len(class_names)
+    colours = palette(K + 1)
+    colours[K] = 0  # ignore / not among the given names: black
+    remap = np.full(256, K, np.int64)  # dataset index -> index among the given names
+    for j, n in enumerate(dataset_names):
+        if n in class_names:
+            remap[j] = class_names.index(n)
+    has_gt = any(n in class_names for n in dataset_names)
+    cols = ["image"] + (["ground truth"] if has_gt else []) + [m["label"] for m in methods]
+    fig, axes = plt.subplots(len(picks), len(cols), squeeze=False,
+                             figsize=(2.3 * len(cols), 2.3 * len(picks) + 0.45 + 0.25 * (1 + (K - 1) // 7)))
+    for r, i in enumerate(tqdm(picks, desc="Fig. 1")):
+        item = base[i]
+        img, H, W = item["image"], *item["label"].shape
+        panels = [img] + ([colours[remap[item["label"]]]] if has_gt else [])
+        for m in methods:
+            protos, owner = m["teacher"].text_prototypes(class_names)
+            scores = class_scores(features(m, img)[None].to(protos.device), protos, owner, K)
+            pred = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
+            panels.append(colours[pred.numpy()])
+        for c, (ax, pic) in enumerate(zip(axes[r], panels)):
+            ax.imshow(pic)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=10)
+        axes[r, 0].set_ylabel(item["id"], fontsize=8)
+    handles = [Patch(facecolor=colours[k] / 255, edgecolor="k",
+                     label=n if n in known else f"{n} (unknown)") for k, n in enumerate(class_names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(K, 7), fontsize=9, frameon=False,
+               title="names segmented with  ((unknown): not given in training)", title_fontsize=9)
+    legend_in = 0.45 + 0.25 * (1 + (K - 1) // 7)  # inches for the legend under the panels
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedding pass (Figs. 2-4): class means, segments, patches
+# ----------------------------------------------------------------------------------------------
+def embedding_pass(methods, base, idx, args, K):
+    """For each method: per-class mean pixel embedding (K, D) (zero where a class is absent; counts (K,)),
+    and its segments: embeddings (S, D), majority ground-truth class (S,) (-1: unlabelled), patches
+    (S, 48, 48, 3), and for CLIP-S4 runs CLIP's embedding of each segment, cs (S, D)."""
+    out = []
+    for m in methods:
+        D = m["text"].shape[1]
+        sums, counts = torch.zeros(K + 1, D), torch.zeros(K + 1)
+        embs, gts, patches, cs = [], [], [], []
+        for i in tqdm(idx, desc=f"embeddings: {m['label']}"):
+            item = base[i]
+            feats = features(m, item["image"])  # (D, h, w)
+            lab = torch.from_numpy(item["label"]).long()
+            small = F.interpolate(lab[None, None].float(), size=feats.shape[1:], mode="nearest")[0, 0].long()
+            small = torch.where(small == IGNORE, K, small).flatten()  # ignore -> row K
+            sums.index_add_(0, small, feats.flatten(1).T)
+            counts += torch.bincount(small, minlength=K + 1).float()
+            seg, emb = image_segments(feats[None], args.segments, 20)
+            if m["unknown"] is not None:  # CLIP's embedding of the same segments, c_s (training's rule)
+                x = resize_for_teacher(item["image"], args.teacher_size or m["size"], m["teacher"].stride, 2048)
+                clip_map = m["teacher"].dense(x[None])[0].float().cpu()
+                clip_map = F.interpolate(clip_map, size=feats.shape[1:], mode="bilinear", align_corners=False)
+                cs.append(segment_means(clip_map, seg))
+            ids = F.interpolate(seg.ids[None].float(), size=lab.shape, mode="nearest")[0, 0].long()
+            gts.append(majority_labels(ids, lab, K, seg.count))
+            embs.append(emb)
+            ids_np = ids.numpy()
+            patches += [thumbnail(item["image"], ids_np, s) for s in range(seg.count)]
+        out.append(dict(means=F.normalize(sums[:K], dim=1), counts=counts[:K], emb=torch.cat(embs),
+                        gt=torch.cat(gts), patches=np.stack(patches), cs=torch.cat(cs) if cs else None))
+    return out
+
+
+def umap_2d(x, seed):
+    """UMAP (cosine) of the rows of x -> (n, 2); the neighbourhood shrinks for small n."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import umap
+        reducer = umap.UMAP(n_neighbors=max(2, min(15, len(x) - 1)), metric="cosine", random_state=seed,
+                            init="random" if len(x) < 30 else "spectral")
+        return reducer.fit_transform(np.asarray(x, np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 2: class means and text embeddings, one UMAP
+# ----------------------------------------------------------------------------------------------
+def figure_umap(methods, passes, names, seed):
+    import matplotlib.pyplot as plt
+    present = (torch.stack([p["counts"] for p in passes]).min(0).values > 0).nonzero().squeeze(1).tolist()
+    text = methods[0]["text"].cpu()[present]
+    points = torch.cat([p["means"][present] for p in passes] + [text]).numpy()
+    xy = umap_2d(points, seed)
+    n = len(present)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    markers, colours = "osD^", ["#1f77b4", "#d62728", "#9467bd", "#8c564b"]
+    txt_xy = xy[len(methods) * n:]
+    summary = {}
+    for j, m in enumerate(methods):
+        pts = xy[j * n:(j + 1) * n]
+        align = float((passes[j]["means"][present] * text).sum(1).mean())
+        summary[m["label"]] = align
+        for a, b in zip(pts, txt_xy):
+            ax.plot([a[0], b[0]], [a[1], b[1]], color=colours[j], lw=0.6, alpha=0.5)
+        ax.scatter(pts[:, 0], pts[:, 1], marker=markers[j], s=45, color=colours[j],
+                   label=f"{m['label']} pixel mean (mean cos to text {align:.2f})")
+    ax.scatter(txt_xy[:, 0], txt_xy[:, 1], marker="*", s=160, color="k", label="CLIP text embedding")
+    for k, (x, y) in zip(present, txt_xy):
+        ax.annotate(names[k], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.legend(loc="best", fontsize=9)
+    ax.set_title(f"Average pixel embedding per class, projected with the text embeddings (UMAP, {n} classes)")
+    fig.tight_layout()
+    return fig, summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 3: learned unknown classes
+# ----------------------------------------------------------------------------------------------
+def figure_unknown(m, p, names, assigned, strip):
+    """One row per unknown prototype that validation segments were assigned to (see assign_unknown),
+    its best segments first; the label says how many and which ground-truth class most of them are."""
+    import matplotlib.pyplot as plt
+    _, proto, score = assigned
+    rows = []
+    for u in range(len(m["unknown"].protos)):
+        sel = (proto == u).nonzero().squeeze(1)
+        if len(sel):
+            sel = sel[score[sel].argsort(descending=True)]
+            gt = p["gt"][sel]
+            gt = gt[gt >= 0]
+            top = f"{names[int(gt.mode().values)]} {100 * float((gt == gt.mode().values).float().mean()):.0f}%" \
+                if len(gt) else "unlabelled"
+            rows.append((u, sel[:strip], f"u{u}: {len(sel)} segment{'s' * (len(sel) > 1)}\nmost: {top}"))
+    if not rows:
+        return None, 0
+    rows.sort(key=lambda r: -len(r[1]))
+    fig, axes = plt.subplots(len(rows), strip, figsize=(1.2 * strip + 1.6, 1.25 * len(rows) + 0.6), squeeze=False)
+    for r, (u, sel, label) in enumerate(rows):
+        for c in range(strip):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(sel):
+                ax.imshow(p["patches"][int(sel[c])])
+        axes[r, 0].text(-0.15, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{m['label']}: learned unknown classes (validation segments, best first)", fontsize=10)
+    fig.subplots_adjust(left=0.2, wspace=0.05, hspace=0.15)
+    return fig, len(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 4: segment map
+# ----------------------------------------------------------------------------------------------
+def figure_segment_map(m, p, is_known, cells, seed):
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+    xy = umap_2d(p["emb"].numpy(), seed)
+    lo, hi = xy.min(0), xy.max(0)
+    cell = np.floor((xy - lo) / np.maximum(hi - lo, 1e-9) * (cells - 1e-6)).astype(int)
+    order = np.random.default_rng(seed).permutation(len(xy))
+    chosen, taken = [], set()
+    for s in order:  # one patch per grid cell, so patches do not pile up
+        if tuple(cell[s]) not in taken:
+            taken.add(tuple(cell[s]))
+            chosen.append(s)
+    fig, ax = plt.subplots(figsize=(11, 11))
+    ax.scatter(xy[:, 0], xy[:, 1], s=4, c=np.where(is_known, GREEN, ORANGE).tolist(), alpha=0.4)
+    for s in chosen:
+        box = AnnotationBbox(OffsetImage(p["patches"][s], zoom=0.75), xy[s], frameon=True, pad=0.1,
+                             bboxprops=dict(edgecolor=GREEN if is_known[s] else ORANGE, linewidth=2))
+        ax.add_artist(box)
+    pad = 0.06 * (hi - lo)
+    ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0]), ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+    ax.set_xticks([]), ax.set_yticks([])
+    n_known = int(is_known.sum())
+    ax.legend(handles=[Line2D([], [], color=GREEN, lw=3, label=f"known class ({n_known} segments)"),
+                       Line2D([], [], color=ORANGE, lw=3, label=f"unknown class ({len(xy) - n_known} segments)")],
+              loc="upper right")
+    ax.set_title(f"{m['label']}: {len(xy)} validation segments (UMAP), {len(chosen)} drawn")
+    fig.tight_layout()
+    return fig, len(chosen)
+
+
+def figure_facts(fig):
+    """What a drawn figure contains, read back from its artists (for the tests and the caller):
+    image panels, panel titles, legend entries, text labels, and the frame colours of image boxes."""
+    from matplotlib.colors import to_hex
+    from matplotlib.offsetbox import AnnotationBbox
+    legends = list(fig.legends) + [a.get_legend() for a in fig.axes if a.get_legend()]
+    boxes = [b for a in fig.axes for b in a.artists if isinstance(b, AnnotationBbox)]
+    return {"panels": sum(1 for a in fig.axes if a.images), "titles": [a.get_title() for a in fig.axes],
+            "legend": [t.get_text() for lg in legends for t in lg.get_texts()],
+            "texts": [t.get_text() for a in fig.axes for t in a.texts],
+            "frames": [to_hex(b.patch.get_edgecolor()) for b in boxes]}
+
+
+def main(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    base = SegDataset(args.dataset, args.data_root, args.split)
+    names = [c.split(";")[0] for c in base.classes]
+    methods = load_methods(args, device, base.classes)
+    # The run whose training split marks names known / unknown: a CLIP-S4 with unknown prototypes,
+    # else the last checkpoint, else the teacher with --unknown-classes.
+    trained = [m for m in methods if m["trained"]]
+    ref = next((m for m in methods if m["unknown"] is not None), trained[-1] if trained else methods[0])
+    known = set(ref["known"])
+    known_idx = [k for k, n in enumerate(names) if n in known]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    written = {}
+
+    def save(fig, name):
+        import matplotlib.pyplot as plt
+        fig.savefig(out / name, dpi=args.dpi)
+        written[name] = dict(path=str(out / name), **figure_facts(fig))
+        plt.close(fig)
+        print(f"wrote {out / name}")
+
+    if 1 in args.figures:
+        if args.image_ids:
+            ids = [it[0] for it in base.items]
+            missing = [i for i in args.image_ids if i not in ids]
+            if missing:
+                raise UserError(f"--image-ids: {missing} not in {args.dataset} {args.split}")
+            picks = [ids.index(i) for i in args.image_ids]
+        else:
+            picks = sorted(rng.choice(len(base), min(args.images, len(base)), replace=False).tolist())
+        class_names = args.classes or names
+        if len(set(class_names)) != len(class_names):
+            raise UserError("--classes: a name is given twice")
+        save(figure_qualitative(methods, base, picks, class_names, known, names), "qualitative.png")
+    if {2, 3, 4} & set(args.figures):
+        n = min(args.pass_images or len(base), len(base))
+        idx = sorted(np.random.default_rng(args.seed).choice(len(base), n, replace=False).tolist())
+        passes = embedding_pass(methods, base, idx, args, len(names))
+        if 2 in args.figures:
+            fig, align = figure_umap(methods, passes, names, args.seed)
+            print("mean cosine of class means to text: " + ", ".join(f"{k} {v:.3f}" for k, v in align.items()))
+            save(fig, "embeddings_umap.png")
+        if 3 in args.figures:
+            j = next((j for j, m in enumerate(methods) if m["unknown"] is not None), None)
+            if j is None:
+                print("Fig. 3 skipped: no CLIP-S4 checkpoint with learned unknown prototypes among the methods")
+            else:
+                assigned = assign_unknown(methods[j], passes[j], known_idx, args.assign, args.tau)
+                fig, n_rows = figure_unknown(methods[j], passes[j], names, assigned, args.strip)
+                if fig is None:
+                    print(f"Fig. 3 skipped: no validation segment went to an unknown prototype (--assign {args.assign})")
+                else:
+                    save(fig, "unknown_classes.png")
+        if 4 in args.figures:
+            j = args.map_method if args.map_method is not None else methods.index(ref)
+            if not 0 <= j < len(methods):
+                raise UserError(f"--map-method {j}: choose 0..{len(methods) - 1}")
+            m, p = methods[j], passes[j]
+            if args.frame == "truth":
+                is_known = np.array([g >= 0 and names[g] in known for g in p["gt"].tolist()])
+            else:
+                is_known = ~assign_unknown(m, p, known_idx, args.assign, args.tau)[0].numpy()
+            save(figure_segment_map(m, p, is_known, args.map_cells, args.seed)[0], "segment_map.png")
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")
