@@ -129,6 +129,11 @@ def atomic_save(img, path):
     os.replace(tmp, path)
 
 
+def per_class_line(per_class):
+    """'per class IoU: sky 81.2, grass 60.1, ...' (classes without an IoU left out)."""
+    return "per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in per_class.items() if v is not None)
+
+
 def atomic_torch_save(obj, path):
     """torch.save through a temporary file and a rename: a crash never leaves half a checkpoint."""
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (CONTEXT_FOLDS, EvalImages, SegDataset, UserError, confusion_matrix, segmentation_metrics,
-                  write_json)
+from data import (CONTEXT_FOLDS, EvalImages, SegDataset, UserError, confusion_matrix, per_class_line,
+                  segmentation_metrics, write_json)
 from model import class_scores, key_smoothing, load_embedder, pick_device, prompt_denoising
 
 # The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name known,
@@ -213,7 +213,7 @@ def main(args):
             print(f"| mean ± std of {len(results)} | | | {part} | " + " | ".join(
                 f"{m[k]:.1f} ± {s[k]:.1f}" for k in ("mIoU", "pAcc", "mAcc")) + " | | |")
         result = {**mean, "std": std, "runs": [{"method": r[0], "run": r[2], **r[4]} for r in rows]}
-    print("per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in result["per_class"].items() if v is not None))
+    print(per_class_line(result["per_class"]))
     if args.json:
         write_json(args.json, {"method": rows[0][0], **result})
     return result

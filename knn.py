@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (IGNORE, EvalImages, SegDataset, UserError, atomic_torch_save, confusion_matrix, knn_vote,
-                  majority_labels, resize_for_teacher, resize_labels, segmentation_metrics, write_json)
+                  majority_labels, per_class_line, resize_for_teacher, resize_labels, segmentation_metrics,
+                  write_json)
 from losses import image_segments
 from model import load_embedder, pick_device
 
@@ -258,7 +259,7 @@ def report(args, cm, names, label, protocol):
         for (n, v), ref in zip(result["per_class"].items(), paper[1]):
             print(f"| {n} | {'-' if v is None else f'{v:.1f}'} | {ref} |")
     else:
-        print("per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in result["per_class"].items() if v is not None))
+        print(per_class_line(result["per_class"]))
     if args.json:
         write_json(args.json, {"method": label, "protocol": "probe" if protocol == "linear probe" else "knn", **result})
     return result
