@@ -121,24 +121,18 @@ def save_label_png(path, labels, colours):
     atomic_save(img, path)
 
 
-def atomic_save(img, path):
-    """Save a PIL image through a temporary file and a rename, so a crash leaves no half file."""
+def atomic_save(obj, path):
+    """Write through a temporary file and a rename, so a crash never leaves half a file: a PIL image
+    is saved in the format of the path's suffix, anything else with torch.save (checkpoints, caches)."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # one per process: no clashes
-    img.save(tmp)
+    obj.save(tmp) if isinstance(obj, Image.Image) else torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def per_class_line(per_class):
     """'per class IoU: sky 81.2, grass 60.1, ...' (classes without an IoU left out)."""
     return "per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in per_class.items() if v is not None)
-
-
-def atomic_torch_save(obj, path):
-    """torch.save through a temporary file and a rename: a crash never leaves half a checkpoint."""
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def write_json(path, obj):
@@ -529,12 +523,15 @@ def collate(items):
 
 
 def majority_labels(ids, gt, num_classes, count):
-    """The ground-truth class most of a segment's labelled pixels have: ids (H, W) segment ids in
-    [0, count), gt (H, W) long with 255 = ignore -> (count,) long, -1 where no pixel is labelled."""
+    """Segments scored against ground truth: the segment map (h, w) at any resolution is resized
+    (nearest) to gt's (H, W), and each segment takes the class most of its labelled pixels have.
+    ids (h, w) long in [0, count), gt (H, W) long with 255 = ignore ->
+    (labels (count,) long, -1 where no pixel is labelled; ids at (H, W))."""
+    ids = F.interpolate(ids[None, None].float(), size=gt.shape, mode="nearest")[0, 0].long()
     keep = gt != IGNORE
     votes = torch.bincount(ids[keep] * num_classes + gt[keep], minlength=count * num_classes)
     votes = votes.view(count, num_classes)
-    return torch.where(votes.sum(1) > 0, votes.argmax(1), -1)
+    return torch.where(votes.sum(1) > 0, votes.argmax(1), -1), ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (IGNORE, EvalImages, SegDataset, UserError, atomic_torch_save, confusion_matrix, knn_vote,
+from data import (IGNORE, EvalImages, SegDataset, UserError, atomic_save, confusion_matrix, knn_vote,
                   majority_labels, per_class_line, resize_for_teacher, resize_labels, segmentation_metrics,
                   write_json)
 from losses import image_segments
@@ -95,8 +95,8 @@ def segments_and_labels(embed, item, n_segments, iters, num_classes):
     """Segments of one image: unit embeddings (S, D), their majority label (S,) (-1: all ignore), and the
     segment map (H, W) at label size."""
     seg, emb = image_segments(embed(item["image"][None]), n_segments, iters)
-    ids = F.interpolate(seg.ids[None].float(), size=item["label"].shape, mode="nearest")[0, 0].long().cpu()
-    return emb, majority_labels(ids, item["label"].long(), num_classes, seg.count), ids
+    labels, ids = majority_labels(seg.ids[0].cpu(), item["label"].long(), num_classes, seg.count)
+    return emb, labels, ids
 
 
 class ProbeCrops(torch.utils.data.Dataset):
@@ -158,7 +158,7 @@ def linear_probe(args, embed, stride, label, ident, device, train, val, K):
 
     def save():
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({"classifier": clf.state_dict(), "optimizer": opt.state_dict(),
+        atomic_save({"classifier": clf.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "step": step}, path)
     if step < args.probe_iters:
         bar, it, t0 = tqdm(total=args.probe_iters, initial=step, desc="linear probe"), iter(loader), time.perf_counter()

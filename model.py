@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-from data import UserError
+from data import UserError, atomic_save
 
 PROMPTS = Path(__file__).with_name("prompts.txt")
 CACHE_DIR = Path(os.environ.get("CLIP_S4_CACHE", "~/.cache/clip_s4")).expanduser()
@@ -361,9 +361,7 @@ class MaskCLIP(nn.Module):
             self._text_cache[key] = (protos, owner)
             if file is not None:
                 file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_suffix(".tmp")
-                torch.save((protos, owner), tmp)
-                os.replace(tmp, file)
+                atomic_save((protos, owner), file)
         protos, owner = self._text_cache[key]
         return protos.to(self.device), owner.to(self.device)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import (IGNORE, UserError, confusion_matrix, load_image,
+from data import (IGNORE, UserError, atomic_save, confusion_matrix, load_image,
                   segmentation_metrics)
 from model import MaskCLIP, load_clip
 
@@ -314,9 +314,7 @@ def main(args):
     args.clip_name = cfg.stem
     losses = pretrain_clip(clip, train_x, [captions[i] for i in train_ids], args)
     weights = root / "toyclip.pt"
-    tmp = weights.with_suffix(".tmp")
-    torch.save(clip.state_dict(), tmp)
-    tmp.replace(weights)
+    atomic_save(clip.state_dict(), weights)
     t2 = time.perf_counter()
     print(f"toy CLIP: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} in {t2 - t1:.0f} s, "
           f"saved {weights}")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import CONTEXT_FOLDS, SegDataset, TwoViews, UserError, atomic_torch_save, collate, warp
+from data import CONTEXT_FOLDS, SegDataset, TwoViews, UserError, atomic_save, collate, warp
 from losses import (UnknownPrototypes, embedding_consistency, kmeans_segments, pixel_sample,
                     pixel_segment_contrastive, pseudo_label_loss, segment_means, semantic_consistency)
 from model import MaskCLIP, PixelEmbedder, class_embeddings, load_clip
@@ -307,10 +307,10 @@ def main(args):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if lead and (step % args.save_every == 0 or step == stop):
-                atomic_torch_save(checkpoint(), ckpt_path)
+                atomic_save(checkpoint(), ckpt_path)
     except KeyboardInterrupt:
         if lead:
-            atomic_torch_save(checkpoint(), ckpt_path)
+            atomic_save(checkpoint(), ckpt_path)
         print(f"interrupted: saved step {step} to {ckpt_path}")
         sys.exit(130)
     if lead:

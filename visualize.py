@@ -114,8 +114,8 @@ def load_methods(args, device, names):
     labels = args.labels or [m["label"] for m in methods]
     if len(labels) != len(methods):
         raise UserError(f"--labels: {len(labels)} names for {len(methods)} methods")
-    for m, label in zip(methods, labels):
-        m["label"] = label + (f" #{labels[:methods.index(m)].count(label) + 1}" if labels.count(label) > 1 else "")
+    for j, (m, label) in enumerate(zip(methods, labels)):
+        m["label"] = label + (f" #{labels[:j].count(label) + 1}" if labels.count(label) > 1 else "")
         m["text"] = class_embeddings(m["teacher"], names)
     return methods
 
@@ -176,14 +176,15 @@ def figure_qualitative(methods, base, picks, class_names, known, dataset_names):
             remap[j] = class_names.index(n)
     has_gt = any(n in class_names for n in dataset_names)
     cols = ["image"] + (["ground truth"] if has_gt else []) + [m["label"] for m in methods]
+    legend_in = 0.45 + 0.25 * (1 + (K - 1) // 7)  # inches for the legend under the panels
     fig, axes = plt.subplots(len(picks), len(cols), squeeze=False,
-                             figsize=(2.3 * len(cols), 2.3 * len(picks) + 0.45 + 0.25 * (1 + (K - 1) // 7)))
+                             figsize=(2.3 * len(cols), 2.3 * len(picks) + legend_in))
+    text = [m["teacher"].text_prototypes(class_names) for m in methods]  # (protos, owner) per method
     for r, i in enumerate(tqdm(picks, desc="Fig. 1")):
         item = base[i]
         img, H, W = item["image"], *item["label"].shape
         panels = [img] + ([colours[remap[item["label"]]]] if has_gt else [])
-        for m in methods:
-            protos, owner = m["teacher"].text_prototypes(class_names)
+        for m, (protos, owner) in zip(methods, text):
             scores = class_scores(features(m, img)[None].to(protos.device), protos, owner, K)
             pred = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
             panels.append(colours[pred.numpy()])
@@ -197,7 +198,6 @@ def figure_qualitative(methods, base, picks, class_names, known, dataset_names):
                      label=n if n in known else f"{n} (unknown)") for k, n in enumerate(class_names)]
     fig.legend(handles=handles, loc="lower center", ncol=min(K, 7), fontsize=9, frameon=False,
                title="names segmented with  ((unknown): not given in training)", title_fontsize=9)
-    legend_in = 0.45 + 0.25 * (1 + (K - 1) // 7)  # inches for the legend under the panels
     fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     return fig
 
@@ -228,11 +228,10 @@ def embedding_pass(methods, base, idx, args, K):
                 clip_map = m["teacher"].dense(x[None])[0].float().cpu()
                 clip_map = F.interpolate(clip_map, size=feats.shape[1:], mode="bilinear", align_corners=False)
                 cs.append(segment_means(clip_map, seg))
-            ids = F.interpolate(seg.ids[None].float(), size=lab.shape, mode="nearest")[0, 0].long()
-            gts.append(majority_labels(ids, lab, K, seg.count))
+            gt, ids = majority_labels(seg.ids[0], lab, K, seg.count)
+            gts.append(gt)
             embs.append(emb)
-            ids_np = ids.numpy()
-            patches += [thumbnail(item["image"], ids_np, s) for s in range(seg.count)]
+            patches += [thumbnail(item["image"], ids.numpy(), s) for s in range(seg.count)]
         out.append(dict(means=F.normalize(sums[:K], dim=1), counts=counts[:K], emb=torch.cat(embs),
                         gt=torch.cat(gts), patches=np.stack(patches), cs=torch.cat(cs) if cs else None))
     return out
