@@ -1,11 +1,13 @@
 """toy.py: the offline toy world. Procedural scenes with pixel labels and captions, and a tiny CLIP
 pretrained on the (image, caption) pairs with open_clip's own model classes and contrastive loss.
 
-It stands in for what cannot be downloaded here (CLIP's weights, Pascal VOC): a vision-language model
-that localises concepts imperfectly, images scored per pixel, and class names to hold out.
+It stands in for what cannot be downloaded here (CLIP's weights, ImageNet weights, Pascal VOC): a
+vision-language model that localises concepts imperfectly, images scored per pixel, class names to hold
+out, and a "toy ImageNet" ResNet-18 (image-level tags on scenes of their own) to initialise f.
 
-Default world (about 3-4 minutes on 2 CPU cores), then the quick start of the README:
-    python toy.py                      # writes data/toy: images, labels, captions, toyclip.{json,pt}
+Default world (about 5-8 minutes on 2 CPU cores), then the quick start of the README:
+    python toy.py                      # data/toy: images, labels, captions, toyclip.{json,pt}, resnet18_toy.pt
+    python toy.py --backbone-only      # only remake resnet18_toy.pt in an existing world
     python segment.py data/toy/JPEGImages/val_0000.png --classes sky grass water ball \
         --clip-config data/toy/toyclip.json --clip-pretrained data/toy/toyclip.pt --size 64
 Micro world for the tests (seconds):
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from data import (IGNORE, UserError, atomic_save, confusion_matrix, load_image,
                   segmentation_metrics)
-from model import MaskCLIP, load_clip
+from model import IMAGENET_MEAN, IMAGENET_STD, MaskCLIP, load_clip
 
 # ----------------------------------------------------------------------------------------------
 # The world: 8 kinds of stuff that fill space, 6 kinds of things with shape and colour
@@ -214,6 +216,28 @@ def load_split(root, split):
     return torch.from_numpy(imgs).permute(0, 3, 1, 2), torch.from_numpy(labs), ids  # NHWC -> NCHW
 
 
+def fit(step_loss, images, opt, sched, steps, batch_size, seed, desc):
+    """The loop both toy pretrainings share: a random batch of images with random flips per step (the
+    captions and tags have no left or right, so flips keep them true), one optimizer step on
+    step_loss(x, idx, g), x float in [0, 1] and idx the batch's indices. Returns each step's loss."""
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc=desc)
+    for _ in bar:
+        idx = torch.randperm(len(images), generator=g)[:batch_size]
+        x = images[idx].float().div(255)
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        x[flip] = x[flip].flip(-1)
+        loss = step_loss(x, idx, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return losses
+
+
 def pretrain_clip(clip, images, captions, args):
     """Contrastive pretraining on (image, caption) pairs: AdamW, warm-up + cosine, random flips.
     images (N, 3, S, S) uint8, captions N strings. Returns the loss of each step."""
@@ -226,24 +250,59 @@ def pretrain_clip(clip, images, captions, args):
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    g = torch.Generator().manual_seed(args.seed)
-    losses = []
-    bar = tqdm(range(args.steps), desc="pretraining toy CLIP")
-    for step in bar:
-        idx = torch.randperm(len(images), generator=g)[: args.batch_size]
-        x = images[idx].float().div(255)
-        flip = torch.rand(len(idx), generator=g) < 0.5
-        x[flip] = x[flip].flip(-1)  # captions have no left/right, so flips keep them true
+
+    def clip_loss(x, idx, g):
         img_f, txt_f, scale = clip((x - mean) / std, tokens[idx])[:3]
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return loss_fn(img_f, txt_f, scale)
+    losses = fit(clip_loss, images, opt, sched, args.steps, args.batch_size, args.seed, "pretraining toy CLIP")
     clip.eval().requires_grad_(False)
     return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy "ImageNet": image-level tags on scenes of their own, to initialise f's backbone
+# ----------------------------------------------------------------------------------------------
+def tagged_scenes(n, size, seed, closeup=0.3):
+    """n scenes drawn from seeds no train or val scene uses, each with image-level tags only (the
+    classes covering >= 1% of it), as ImageNet gives the paper's f labels of whole images.
+    Returns images (n, 3, S, S) uint8 and tags (n, K) float in {0, 1}."""
+    imgs, tags = [], []
+    for i in tqdm(range(n), desc="toy ImageNet scenes", leave=False):
+        img, lab, _, _ = make_scene(np.random.default_rng([seed, 2, i]), size, closeup)
+        imgs.append(img)
+        tags.append(np.bincount(lab.reshape(-1), minlength=256)[: len(CLASSES)] / lab.size >= 0.01)
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(tags)).float()
+
+
+def pretrain_backbone(images, tags, args):
+    """A torchvision ResNet-18 trained as a multi-label image classifier (one sigmoid per class):
+    SGD with momentum, cosine decay, random flips and shifts. The paper's f starts from ImageNet
+    weights; this is the toy world's stand-in (train.py --backbone-weights). Returns the trained
+    network and the loss of each step."""
+    import torchvision
+    torch.manual_seed(args.seed)  # the same weights whether or not the toy CLIP was trained first
+    net = torchvision.models.resnet18(num_classes=tags.shape[1])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.backbone_steps)))
+
+    def tag_loss(x, idx, g):
+        dy, dx = torch.randint(-4, 5, (2,), generator=g).tolist()  # one shift per batch, edges wrap
+        return F.binary_cross_entropy_with_logits(net((torch.roll(x, (dy, dx), dims=(2, 3)) - mean) / std), tags[idx])
+    net.train()
+    losses = fit(tag_loss, images, opt, sched, args.backbone_steps, args.backbone_batch, args.seed,
+                 "pretraining toy ResNet-18")
+    return net.eval(), losses
+
+
+@torch.no_grad()
+def tag_accuracy(net, images, tags):
+    """Share of (image, class) tags the classifier gets right at probability 0.5, and the share of
+    images whose tags are all right."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pred = torch.cat([net((x.float().div(255) - mean) / std) for x in images.split(256)]) > 0
+    right = pred == tags.bool()
+    return 100.0 * right.float().mean().item(), 100.0 * right.all(dim=1).float().mean().item()
 
 
 @torch.no_grad()
@@ -288,11 +347,17 @@ def get_args(argv=None):
                    help="how the toy CLIP pools patch tokens: avg (default, localises better) or tok (CLIP's class token)")
     p.add_argument("--closeup", type=float, default=0.3,
                    help="share of training scenes that are close-ups of one stuff (+ one large thing)")
+    p.add_argument("--backbone-steps", type=int, default=400,
+                   help="toy ImageNet: steps of ResNet-18 tag pretraining for f's backbone (0: skip)")
+    p.add_argument("--backbone-batch", type=int, default=32, help="toy ImageNet: images per step")
+    p.add_argument("--backbone-scenes", type=int, default=4000, help="toy ImageNet: tagged scenes (+1/8 held out)")
+    p.add_argument("--backbone-only", action="store_true", help="only (re)make resnet18_toy.pt in an existing world")
     p.add_argument("--tiny", action="store_true", help="micro world for tests: 96 scenes, 2-layer CLIP, 30 steps")
     p.add_argument("--seed", type=int, default=0, help="everything deterministic under it")
     args = p.parse_args(argv)
     if args.tiny:
         args.n_train, args.n_val, args.steps, args.batch_size = 96, 32, 30, 32
+        args.backbone_steps, args.backbone_batch, args.backbone_scenes = 4, 4, 32
     return args
 
 
@@ -301,6 +366,24 @@ def main(args):
     torch.manual_seed(args.seed)
     root = Path(args.out_dir)
     t0 = time.perf_counter()
+    result = {} if args.backbone_only else world_and_clip(args, root, t0)
+    # ---- the toy ImageNet: weights for f's backbone (train.py --backbone-weights) ----
+    if args.backbone_steps:
+        n = args.backbone_scenes
+        images, tags = tagged_scenes(n + n // 8, args.size, args.seed)
+        net, losses = pretrain_backbone(images[:n], tags[:n], args)
+        path = root / "resnet18_toy.pt"
+        atomic_save({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, path)
+        acc, exact = tag_accuracy(net, images[n:], tags[n:])
+        print(f"toy ResNet-18: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}, held-out tags "
+              f"{acc:.1f}% right ({exact:.1f}% of images all right), saved {path}")
+        result["backbone"] = {"losses": losses, "tag_accuracy": acc}
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return result
+
+
+def world_and_clip(args, root, t0):
+    """Write the scenes, pretrain the toy CLIP on their captions, report its MaskCLIP readout."""
     # ---- data: the scenes ----
     captions = write_world(root, args.n_train, args.n_val, args.size, args.seed, args.closeup)
     train_x, _, train_ids = load_split(root, "train")
@@ -326,7 +409,6 @@ def main(args):
     print(f"val MaskCLIP (dense readout) mIoU {m['mIoU']:.1f} | pAcc {m['pAcc']:.1f} | mAcc {m['mAcc']:.1f} "
           f"(chance mIoU about {100 / len(CLASSES):.1f})")
     print("per class IoU: " + ", ".join(f"{n} {v:.0f}" for n, v in m["per_class"].items() if v is not None))
-    print(f"total {time.perf_counter() - t0:.0f} s")
     return {"losses": losses, "retrieval": acc, "maskclip": m}
 
 

@@ -7,8 +7,8 @@ Class-free Pascal Context (fold 0's names withheld everywhere):
 Baselines in the same harness: --method maskclip+ (pseudo-labels, then self-training), --method segsort.
 Toy world on a CPU (after `python toy.py`; a few minutes):
     python train.py --dataset toy --clip-config data/toy/toyclip.json --clip-pretrained data/toy/toyclip.pt \
-        --size 64 --crop-size 128 --backbone resnet18 --head-dim 128 --iters 300 --batch-size 8 \
-        --lr 0.01 --unknown-protos 8 --out-dir runs/toy_clips4
+        --size 64 --crop-size 96 --backbone resnet18 --backbone-weights data/toy/resnet18_toy.pt \
+        --head-dim 128 --iters 300 --batch-size 8 --lr 0.01 --warmup 20 --unknown-protos 8 --out-dir runs/toy_clips4
 Continue a run: the same command with --resume. Several GPUs (or CPU processes, gloo):
     torchrun --nproc_per_node 4 train.py --dataset voc ...      # --batch-size is per process
 """

@@ -238,13 +238,18 @@ def embedding_pass(methods, base, idx, args, K):
 
 
 def umap_2d(x, seed):
-    """UMAP (cosine) of the rows of x -> (n, 2); the neighbourhood shrinks for small n."""
+    """UMAP (cosine) of the rows of x -> (n, 2); the neighbourhood shrinks for small n. UMAP's numba
+    code can change torch's CPU thread count, and with it the last bits of later forwards (seen with
+    OMP_NUM_THREADS=1: 1 -> 2), so the count is put back: the same seed gives the same pictures."""
+    threads = torch.get_num_threads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import umap
         reducer = umap.UMAP(n_neighbors=max(2, min(15, len(x) - 1)), metric="cosine", random_state=seed,
                             init="random" if len(x) < 30 else "spectral")
-        return reducer.fit_transform(np.asarray(x, np.float32))
+        xy = reducer.fit_transform(np.asarray(x, np.float32))
+    torch.set_num_threads(threads)
+    return xy
 
 
 # ----------------------------------------------------------------------------------------------
