@@ -274,6 +274,11 @@ def tagged_scenes(n, size, seed, closeup=0.3):
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(tags)).float()
 
 
+def imagenet_normalise(x):
+    """Images in [0, 1] normalised as f normalises its input (model.PixelEmbedder)."""
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
 def pretrain_backbone(images, tags, args):
     """A torchvision ResNet-18 trained as a multi-label image classifier (one sigmoid per class):
     SGD with momentum, cosine decay, random flips and shifts. The paper's f starts from ImageNet
@@ -282,13 +287,13 @@ def pretrain_backbone(images, tags, args):
     import torchvision
     torch.manual_seed(args.seed)  # the same weights whether or not the toy CLIP was trained first
     net = torchvision.models.resnet18(num_classes=tags.shape[1])
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.backbone_steps)))
 
     def tag_loss(x, idx, g):
         dy, dx = torch.randint(-4, 5, (2,), generator=g).tolist()  # one shift per batch, edges wrap
-        return F.binary_cross_entropy_with_logits(net((torch.roll(x, (dy, dx), dims=(2, 3)) - mean) / std), tags[idx])
+        x = torch.roll(x, (dy, dx), dims=(2, 3))
+        return F.binary_cross_entropy_with_logits(net(imagenet_normalise(x)), tags[idx])
     net.train()
     losses = fit(tag_loss, images, opt, sched, args.backbone_steps, args.backbone_batch, args.seed,
                  "pretraining toy ResNet-18")
@@ -299,8 +304,7 @@ def pretrain_backbone(images, tags, args):
 def tag_accuracy(net, images, tags):
     """Share of (image, class) tags the classifier gets right at probability 0.5, and the share of
     images whose tags are all right."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    pred = torch.cat([net((x.float().div(255) - mean) / std) for x in images.split(256)]) > 0
+    pred = torch.cat([net(imagenet_normalise(x.float().div(255))) for x in images.split(256)]) > 0
     right = pred == tags.bool()
     return 100.0 * right.float().mean().item(), 100.0 * right.all(dim=1).float().mean().item()
 
