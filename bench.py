@@ -147,8 +147,9 @@ def bench_knn(args, device):
     memory = torch.nn.functional.normalize(torch.randn(args.memory, args.dim, generator=g), dim=1)
     labels = torch.randint(0, 21, (args.memory,), generator=g)
     queries = torch.nn.functional.normalize(torch.randn(args.queries, args.dim, generator=g), dim=1)
+    memory_d, labels_d = memory.to(device), labels.to(device)  # the memory stays where it is, as in knn.py
     t = time.perf_counter()
-    knn_vote(queries.to(device), memory.to(device), labels.to(device), 20, 21, chunk=1024)
+    knn_vote(queries.to(device), memory_d, labels_d, 20, 21, chunk=1024).cpu()  # .cpu() waits for the GPU
     ours = time.perf_counter() - t
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     nq = min(args.sk_queries or args.queries, args.queries)
@@ -206,14 +207,17 @@ def bench_train(args, device):
                "--clip-pretrained", "none", "--backbone", args.backbone, "--backbone-weights", "none",
                "--iters", str(args.steps), "--log-every", "1", "--profile", "--out-dir", str(Path(d) / "run"),
                "--device", args.device, "--unknown-protos", "20", "--batch-size", str(args.batch_size),
-               "--workers", "2"]
+               "--workers", str(args.workers)] + (["--no-amp"] if args.no_amp else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         lines = [l for l in out.splitlines() if l.startswith(("step", "  phases"))]
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
         print("\n".join(lines[-2:]))
         ms = float(re.search(r"\| (\d+) ms$", lines[-2]).group(1))
-        print(f"| {args.backbone}, 336 crops, {args.batch_size} x 2 views | {ms / 1000:.1f} s/step | {rss:.1f} GiB peak RSS | "
-              f"20k steps: {ms * 20000 / 3.6e6:.0f} h |")
+        gpu = re.search(r"GPU peak ([\d.]+) GiB", lines[-2])
+        precision = "fp32" if args.no_amp or device.type == "cpu" else "AMP fp16"
+        print(f"| {args.backbone}, 336 crops, {args.batch_size} x 2 views, {precision} | {ms / 1000:.2f} s/step | "
+              f"{rss:.1f} GiB peak RSS" + (f", {gpu.group(1)} GiB GPU peak" if gpu else "")
+              + f" | 20k steps: {ms * 20000 / 3.6e6:.1f} h |")
 
 
 def main():
@@ -226,6 +230,8 @@ def main():
     p.add_argument("--backbone", default="resnet101", help="train: f's trunk")
     p.add_argument("--steps", type=int, default=3, help="train: steps to run (the last one is reported)")
     p.add_argument("--batch-size", type=int, default=8, help="train: images per step (8 = the paper setting here)")
+    p.add_argument("--workers", type=int, default=2, help="train: DataLoader worker processes")
+    p.add_argument("--no-amp", action="store_true", help="train: fp32 on CUDA (default: mixed precision)")
     p.add_argument("--images", type=int, default=48, help="data: synthetic 500x375 images in the pipeline")
     p.add_argument("--size", type=int, default=448, help="dense: input side in pixels")
     p.add_argument("--batch", type=int, default=1, help="dense: images per forward")
@@ -238,6 +244,8 @@ def main():
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "data": bench_data,
      "train": bench_train, "knn": bench_knn, "eval": bench_eval}[args.what](args, device)
+    if device.type == "cuda" and torch.cuda.max_memory_allocated():  # train and segment run in a child
+        print(f"GPU peak memory (this process): {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
 
 
 if __name__ == "__main__":

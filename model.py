@@ -318,8 +318,9 @@ class MaskCLIP(nn.Module):
         pre = getattr(visual, "preprocess_cfg", {}) or {}
         mean = pre.get("mean", open_clip.OPENAI_DATASET_MEAN)
         std = pre.get("std", open_clip.OPENAI_DATASET_STD)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        on = next(clip.parameters()).device  # where the CLIP already is, so .dense() runs there too
+        self.register_buffer("mean", torch.tensor(mean, device=on).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=on).view(1, 3, 1, 1), persistent=False)
         self._text_cache = {}
 
     @property

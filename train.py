@@ -295,12 +295,15 @@ def main(args):
                        "lr": opt.param_groups[0]["lr"], "segments": seg.count, "ms": ms}
                 if args.method == "clip-s4":
                     rec["unknown_share"] = unknown_share.item()
+                if device.type == "cuda":  # the most GPU memory held at once so far, this process
+                    rec["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                 rec["phases_ms"] = {k: 1000 * v / args.log_every for k, v in phases.items()}
                 phases.clear()
                 print(f"step {step}/{args.iters} | loss {rec['loss']:.3f} ("
                       + " ".join(f"{k} {rec['L_' + k]:.3f}" for k in terms)
                       + f") | lr {rec['lr']:.2e} | {seg.count} segments"
                       + (f" | unknown {100 * rec['unknown_share']:.0f}%" if "unknown_share" in rec else "")
+                      + (f" | GPU peak {rec['cuda_peak_gib']:.1f} GiB" if "cuda_peak_gib" in rec else "")
                       + f" | {ms:.0f} ms", flush=True)
                 if args.profile:
                     print("  phases (ms/step): " + ", ".join(f"{k} {v:.0f}" for k, v in rec["phases_ms"].items()))

@@ -102,6 +102,14 @@ def test_teacher_dense_is_unit_norm_any_size(which, tiny_configs):
     assert not any(p.requires_grad for p in clip.parameters()) and not clip.training
 
 
+def test_teacher_follows_its_clip_device(tiny_configs):
+    """MaskCLIP wrapped around a CLIP that was already moved keeps its normalisation on the same device
+    (the meta device stands in for CUDA here: no memory, no GPU needed)."""
+    clip, info = M.load_clip(pretrained="none", config=tiny_configs["vit"])
+    teacher = M.MaskCLIP(clip.to("meta"), info)
+    assert teacher.mean.device.type == "meta" and teacher.device.type == "meta"
+
+
 def test_encode_text_fast_equals_encode_text(vit):
     tok = open_clip.get_tokenizer("tiny-vit")
     prompts = ["a", "a photo of a dog.", "there is the potted plant in the scene.", "x " * 90]
