@@ -7,7 +7,7 @@ used, so this measures the embeddings themselves (Pascal VOC: 21 classes, backgr
 
     python knn.py --dataset voc --data-root data/voc --checkpoint runs/voc_vit16/ckpt.pt
     python knn.py --dataset voc --data-root data/voc --method maskclip          # the teacher's features
-Toy world on a CPU (about a minute):
+Toy world on 2 CPU cores (a few minutes: about 4 for a trained run, measured 2026-11-27):
     python knn.py --dataset toy --checkpoint runs/toy_clips4/ckpt.pt --size 96
     python knn.py --dataset toy --method maskclip --clip-config data/toy/toyclip.json \
         --clip-pretrained data/toy/toyclip.pt --size 64
