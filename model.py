@@ -465,7 +465,7 @@ def dilated_resnet(name, weights="auto"):
 
 class PixelEmbedder(nn.Module):
     """f: image -> one unit vector per pixel (stride 8) in CLIP's joint space. DeepLab-v2 style, as
-    MaskCLIP+'s target network: dilated ResNet, ASPP (four 3x3 convs, rates 6/12/18/24, summed),
+    MaskCLIP+'s target network: dilated ResNet, ASPP (four 3x3 convs, rates 6/12/18/24 unless told, summed),
     then a projection head (1x1 conv, BN, ReLU, 1x1 conv to D) and L2 normalisation. The paper shows
     only "an encoder that maps images to pixel embeddings"; this backbone is our choice (--backbone)."""
 
@@ -506,7 +506,7 @@ def load_run(path, device="cpu"):
         raise UserError(f"--checkpoint {path}: not a train.py checkpoint")
     a = ck["args"]
     clip, info = load_clip(a["clip"], a["clip_pretrained"], a.get("clip_config"), a.get("quick_gelu", "auto"), device)
-    f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"])
+    f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a.get("aspp_rates", (6, 12, 18, 24)))
     f.load_state_dict(ck["model"])
     return f.to(device).eval(), MaskCLIP(clip, info).to(device), ck
 

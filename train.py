@@ -40,6 +40,8 @@ def get_args(argv=None):
     p.add_argument("--backbone", default="resnet101", help="f's trunk: resnet101 (default), resnet50, resnet18")
     p.add_argument("--backbone-weights", default="auto", help="auto (torchvision cache), none, or a file")
     p.add_argument("--head-dim", type=int, default=512, help="channels of f's ASPP and projection head [choice]")
+    p.add_argument("--aspp-rates", type=int, nargs=4, default=[6, 12, 18, 24],
+                   help="dilation rates of f's four ASPP branches (DeepLab-v2's, for 321-513 px crops) [choice]")
     # Data
     p.add_argument("--dataset", default="voc", choices=["voc", "context", "cocostuff", "folder", "toy"])
     p.add_argument("--class-names", default=None, help="a file of class names (one per line) replacing the dataset's")
@@ -177,7 +179,8 @@ def main(args):
     # ---- model: f, the text prototypes of the known names, the unknown prototypes ----
     text = class_embeddings(teacher, known)  # (K, D)
     kappa_s = args.kappa_s or float(clip.logit_scale.exp())
-    f = PixelEmbedder(text.shape[1], args.backbone, args.backbone_weights, args.head_dim).to(device)
+    f = PixelEmbedder(text.shape[1], args.backbone, args.backbone_weights, args.head_dim,
+                      args.aspp_rates).to(device)
     net = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f  # f stays the unwrapped module
     unknown = UnknownPrototypes(args.unknown_protos if args.method == "clip-s4" else 0, text.shape[1],
                                 tau=args.unknown_tau, scale=args.unknown_scale or float(clip.logit_scale.exp())).to(device)

@@ -26,6 +26,18 @@ def test_methods_run_and_checkpoint_loads(toy_world, tmp_path, method):
     assert z.shape == (1, 64, 8, 8) and torch.allclose(z.norm(dim=1), torch.ones(1, 8, 8), atol=1e-5)
 
 
+def test_aspp_rates_travel_with_the_checkpoint(toy_world, tmp_path):
+    root, _ = toy_world
+    train.main(args_for(root, tmp_path / "r", "--iters", "1", "--aspp-rates", "1", "2", "3", "4"))
+    f, _, ck = M.load_run(tmp_path / "r" / "ckpt.pt")
+    assert [conv.dilation for conv in f.aspp] == [(r, r) for r in (1, 2, 3, 4)]
+    # a checkpoint from before the flag existed rebuilds f with DeepLab-v2's rates
+    del ck["args"]["aspp_rates"]
+    torch.save(ck, tmp_path / "old.pt")
+    f, _, _ = M.load_run(tmp_path / "old.pt")
+    assert [conv.dilation[0] for conv in f.aspp] == [6, 12, 18, 24]
+
+
 def test_resume_is_exact(toy_world, tmp_path):
     root, _ = toy_world
     train.main(args_for(root, tmp_path / "straight", "--iters", "10"))
