@@ -199,6 +199,8 @@ def main(args):
     step = 0
     if args.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if list(ck["args"].get("aspp_rates", [6, 12, 18, 24])) != list(args.aspp_rates):  # same shapes, other f
+            raise UserError(f"{ckpt_path} was trained with other --aspp-rates: resume with the run's own flags")
         f.load_state_dict(ck["model"])
         unknown.load_state_dict(ck["unknown"])
         opt.load_state_dict(ck["optimizer"])

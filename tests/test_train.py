@@ -31,6 +31,8 @@ def test_aspp_rates_travel_with_the_checkpoint(toy_world, tmp_path):
     train.main(args_for(root, tmp_path / "r", "--iters", "1", "--aspp-rates", "1", "2", "3", "4"))
     f, _, ck = M.load_run(tmp_path / "r" / "ckpt.pt")
     assert [conv.dilation for conv in f.aspp] == [(r, r) for r in (1, 2, 3, 4)]
+    with pytest.raises(train.UserError, match="aspp-rates"):  # same weight shapes, but another network
+        train.main(args_for(root, tmp_path / "r", "--iters", "2", "--resume"))
     # a checkpoint from before the flag existed rebuilds f with DeepLab-v2's rates
     del ck["args"]["aspp_rates"]
     torch.save(ck, tmp_path / "old.pt")
@@ -81,8 +83,11 @@ def test_two_processes_with_torchrun(toy_world, tmp_path):
     from pathlib import Path
     root, _ = toy_world
     a = args_for(root, tmp_path / "ddp", "--iters", "4", "--batch-size", "2")
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-            if v not in (None, False, [], "") and not isinstance(v, bool)]
+    argv = []
+    for k, v in vars(a).items():
+        if v not in (None, False, [], "") and not isinstance(v, bool):
+            flag = "--" + k.replace("_", "-")
+            argv += [flag, *map(str, v)] if isinstance(v, list) else [f"{flag}={v}"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *argv],
                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
