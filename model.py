@@ -463,13 +463,16 @@ def dilated_resnet(name, weights="auto"):
     return net, (512 if not bottleneck else 2048)
 
 
+ASPP_RATES = (6, 12, 18, 24)  # DeepLab-v2's, made for 321-513 px crops; train.py --aspp-rates
+
+
 class PixelEmbedder(nn.Module):
     """f: image -> one unit vector per pixel (stride 8) in CLIP's joint space. DeepLab-v2 style, as
     MaskCLIP+'s target network: dilated ResNet, ASPP (four 3x3 convs, rates 6/12/18/24 unless told, summed),
     then a projection head (1x1 conv, BN, ReLU, 1x1 conv to D) and L2 normalisation. The paper shows
     only "an encoder that maps images to pixel embeddings"; this backbone is our choice (--backbone)."""
 
-    def __init__(self, dim, backbone="resnet101", weights="auto", hidden=512, rates=(6, 12, 18, 24)):
+    def __init__(self, dim, backbone="resnet101", weights="auto", hidden=512, rates=ASPP_RATES):
         super().__init__()
         self.trunk, c = dilated_resnet(backbone, weights)
         self.aspp = nn.ModuleList(nn.Conv2d(c, hidden, 3, padding=r, dilation=r) for r in rates)
@@ -506,7 +509,7 @@ def load_run(path, device="cpu"):
         raise UserError(f"--checkpoint {path}: not a train.py checkpoint")
     a = ck["args"]
     clip, info = load_clip(a["clip"], a["clip_pretrained"], a.get("clip_config"), a.get("quick_gelu", "auto"), device)
-    f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a.get("aspp_rates", (6, 12, 18, 24)))
+    f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a.get("aspp_rates", ASPP_RATES))
     f.load_state_dict(ck["model"])
     return f.to(device).eval(), MaskCLIP(clip, info).to(device), ck
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from data import CONTEXT_FOLDS, SegDataset, TwoViews, UserError, atomic_save, collate, warp
 from losses import (UnknownPrototypes, embedding_consistency, kmeans_segments, pixel_sample,
                     pixel_segment_contrastive, pseudo_label_loss, segment_means, semantic_consistency)
-from model import MaskCLIP, PixelEmbedder, class_embeddings, load_clip
+from model import ASPP_RATES, MaskCLIP, PixelEmbedder, class_embeddings, load_clip
 
 
 def get_args(argv=None):
@@ -40,7 +40,7 @@ def get_args(argv=None):
     p.add_argument("--backbone", default="resnet101", help="f's trunk: resnet101 (default), resnet50, resnet18")
     p.add_argument("--backbone-weights", default="auto", help="auto (torchvision cache), none, or a file")
     p.add_argument("--head-dim", type=int, default=512, help="channels of f's ASPP and projection head [choice]")
-    p.add_argument("--aspp-rates", type=int, nargs=4, default=[6, 12, 18, 24],
+    p.add_argument("--aspp-rates", type=int, nargs=4, default=list(ASPP_RATES),
                    help="dilation rates of f's four ASPP branches (DeepLab-v2's, for 321-513 px crops) [choice]")
     # Data
     p.add_argument("--dataset", default="voc", choices=["voc", "context", "cocostuff", "folder", "toy"])
@@ -199,7 +199,7 @@ def main(args):
     step = 0
     if args.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if list(ck["args"].get("aspp_rates", [6, 12, 18, 24])) != list(args.aspp_rates):  # same shapes, other f
+        if list(ck["args"].get("aspp_rates", ASPP_RATES)) != list(args.aspp_rates):  # same shapes, other f
             raise UserError(f"{ckpt_path} was trained with other --aspp-rates: resume with the run's own flags")
         f.load_state_dict(ck["model"])
         unknown.load_state_dict(ck["unknown"])
