@@ -1,9 +1,10 @@
 """knn.py: unsupervised evaluation of pixel embeddings by k-NN segment retrieval (supplementary A.1).
 
-Every image is cut into 36 segments by k-means on its embeddings (20 iterations). A training segment
-is labelled by the majority ground-truth label of its pixels; a validation segment takes the majority
-vote of its 20 nearest training segments (cosine), is painted back, and scored. No class names are
-used, so this measures the embeddings themselves (Pascal VOC: 21 classes, background included).
+Every image is cut into 36 segments by k-means on its embeddings and pixel positions (20 iterations;
+the position's weight is --kmeans-lambda, our choice). A training segment is labelled by the majority
+ground-truth label of its pixels; a validation segment takes the majority vote of its 20 nearest
+training segments (cosine), is painted back, and scored. No class names are used, so this measures
+the embeddings themselves (Pascal VOC: 21 classes, background included).
 
     python knn.py --dataset voc --data-root data/voc --checkpoint runs/voc_vit16/ckpt.pt
     python knn.py --dataset voc --data-root data/voc --method maskclip          # the teacher's features
@@ -71,6 +72,8 @@ def get_args(argv=None):
     # Protocol (supplementary A.1)
     p.add_argument("--segments", type=int, default=36, help="k-means segments per image (a 6 x 6 grid start)")
     p.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations")
+    p.add_argument("--kmeans-lambda", type=float, default=1.0,
+                   help="weight of pixel position in that k-means (0: embeddings alone) [choice]")
     p.add_argument("--k", type=int, default=20, help="nearest training segments that vote")
     p.add_argument("--chunk", type=int, default=4096, help="queries per retrieval matmul")
     # Linear probe (supplementary A.1)
@@ -91,10 +94,10 @@ def get_args(argv=None):
 
 
 @torch.no_grad()
-def segments_and_labels(embed, item, n_segments, iters, num_classes):
+def segments_and_labels(embed, item, n_segments, iters, num_classes, lam=1.0):
     """Segments of one image: unit embeddings (S, D), their majority label (S,) (-1: all ignore), and the
     segment map (H, W) at label size."""
-    seg, emb = image_segments(embed(item["image"][None]), n_segments, iters)
+    seg, emb = image_segments(embed(item["image"][None]), n_segments, iters, lam)
     labels, ids = majority_labels(seg.ids[0].cpu(), item["label"].long(), num_classes, seg.count)
     return emb, labels, ids
 
@@ -217,8 +220,10 @@ def main(args):
         cm = linear_probe(args, embed, stride, label, ident, device, train, val, K)
         return report(args, cm, names, label, "linear probe")
     # ---- memory of training segments (cached on disk) ----
-    key = hashlib.sha1(json.dumps(ident + [args.dataset, str(args.data_root), args.size, args.segments,
-                                           args.kmeans_iters, n_train]).encode()).hexdigest()[:16]
+    protocol = [args.dataset, str(args.data_root), args.size, args.segments, args.kmeans_iters, n_train]
+    if args.kmeans_lambda != 1.0:  # memories from before --kmeans-lambda keep their name
+        protocol.append(args.kmeans_lambda)
+    key = hashlib.sha1(json.dumps(ident + protocol).encode()).hexdigest()[:16]
     mem_file = Path(args.memory_dir) / f"{label}_{args.dataset}_{key}.pt"
     if mem_file.is_file():
         memory, mem_labels = torch.load(mem_file, weights_only=True)
@@ -227,7 +232,7 @@ def main(args):
         rows, labs = [], []
         data = EvalImages(train, args.size, stride)
         for i in tqdm(range(n_train), desc="training segments"):
-            emb, lab, _ = segments_and_labels(embed, data[i], args.segments, args.kmeans_iters, K)
+            emb, lab, _ = segments_and_labels(embed, data[i], args.segments, args.kmeans_iters, K, args.kmeans_lambda)
             rows.append(emb[lab >= 0].half().cpu())
             labs.append(lab[lab >= 0])
         memory, mem_labels = torch.cat(rows), torch.cat(labs)
@@ -240,7 +245,7 @@ def main(args):
     data = EvalImages(val, args.size, stride)
     for i in tqdm(range(len(data)), desc="validation segments"):
         item = data[i]
-        emb, _, ids = segments_and_labels(embed, item, args.segments, args.kmeans_iters, K)
+        emb, _, ids = segments_and_labels(embed, item, args.segments, args.kmeans_iters, K, args.kmeans_lambda)
         pred = knn_vote(emb.float(), memory, mem_labels, args.k, K, args.chunk).cpu()[ids]  # (H, W)
         cm += confusion_matrix(pred.numpy(), item["label"].numpy(), K)
     return report(args, cm, names, label, "k-NN")

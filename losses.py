@@ -53,6 +53,14 @@ def kmeans_segments(z, regions, views=2, grid=(4, 4), iters=10, lam=1.0):
     return Segments(ids.view(BV, h, w), len(uniq), uniq // n_reg // (gh * gw) // views, uniq % n_reg)
 
 
+def regions_on_grid(regions, size, grid="centre"):
+    """Superpixel ids of the views (B, H, W) read on the (h, w) feature grid. grid "centre": cell i takes
+    the id at the centre of its pixels [s*i, s*(i+1)) (s = H/h), where f's and the teacher's cell i
+    look (model.PixelEmbedder); "corner": the id at pixel s*i, as train.py did before 2026-11-28."""
+    mode = "nearest-exact" if grid == "centre" else "nearest"
+    return F.interpolate(regions[:, None].float(), size=size, mode=mode)[:, 0].long()
+
+
 def segment_means(x, seg):
     """Normalised mean of x over each segment (with gradient): x (BV, D, h, w) -> (S, D)."""
     D = x.shape[1]
@@ -64,13 +72,14 @@ def segment_means(x, seg):
 
 
 @torch.no_grad()
-def image_segments(feats, n_segments=36, iters=20):
+def image_segments(feats, n_segments=36, iters=20, lam=1.0):
     """Segments of single images for evaluation and figures (knn.py, visualize.py): k-means on
-    embedding + position from a sqrt(n) x sqrt(n) grid, no superpixels.
+    embedding + lam * position from a sqrt(n) x sqrt(n) grid, no superpixels (the supplementary says
+    only "k-means"; the position term and its weight are our choice, knn.py --kmeans-lambda).
     feats (1, D, h, w) unit -> (Segments, their unit mean embeddings (S, D))."""
     g = int(round(n_segments ** 0.5))
     regions = torch.zeros(feats.shape[0], *feats.shape[2:], dtype=torch.long, device=feats.device)
-    seg = kmeans_segments(feats, regions, views=1, grid=(g, g), iters=iters, lam=1.0)
+    seg = kmeans_segments(feats, regions, views=1, grid=(g, g), iters=iters, lam=lam)
     return seg, segment_means(feats, seg)
 
 

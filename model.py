@@ -464,16 +464,22 @@ def dilated_resnet(name, weights="auto"):
 
 
 ASPP_RATES = (6, 12, 18, 24)  # DeepLab-v2's, made for 321-513 px crops; train.py --aspp-rates
+GRID_SHIFT = {"centre": 4, "corner": 0}  # train.py --grid -> PixelEmbedder's shift (its docstring)
 
 
 class PixelEmbedder(nn.Module):
     """f: image -> one unit vector per pixel (stride 8) in CLIP's joint space. DeepLab-v2 style, as
     MaskCLIP+'s target network: dilated ResNet, ASPP (four 3x3 convs, rates 6/12/18/24 unless told, summed),
     then a projection head (1x1 conv, BN, ReLU, 1x1 conv to D) and L2 normalisation. The paper shows
-    only "an encoder that maps images to pixel embeddings"; this backbone is our choice (--backbone)."""
+    only "an encoder that maps images to pixel embeddings"; this backbone is our choice (--backbone).
+    Grid: every script paints cell i over pixels [8i, 8i+8), as a ViT teacher's patch i. A stride-8
+    ResNet's cell i is centred on pixel 8i instead (each stride-2 layer keeps output j over input 2j),
+    so f reads its input moved up and left by `shift` = 4 pixels (the last 4 rows and columns repeated)
+    and its cells sit on their blocks. shift=0 rebuilds checkpoints saved before this (load_run)."""
 
-    def __init__(self, dim, backbone="resnet101", weights="auto", hidden=512, rates=ASPP_RATES):
+    def __init__(self, dim, backbone="resnet101", weights="auto", hidden=512, rates=ASPP_RATES, shift=4):
         super().__init__()
+        self.shift = shift
         self.trunk, c = dilated_resnet(backbone, weights)
         self.aspp = nn.ModuleList(nn.Conv2d(c, hidden, 3, padding=r, dilation=r) for r in rates)
         self.head = nn.Sequential(nn.Conv2d(hidden, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
@@ -489,6 +495,9 @@ class PixelEmbedder(nn.Module):
     def forward(self, images):
         """images (B, 3, H, W) float RGB in [0, 1] -> (B, D, H/8, W/8) unit vectors along D."""
         t = self.trunk
+        if self.shift:  # cell i centred on pixels [8i, 8i+8) (class docstring)
+            s = self.shift
+            images = F.pad(images, (0, s, 0, s), mode="replicate")[..., s:, s:]
         x = (images - self.mean) / self.std
         x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
         x = t.layer4(t.layer3(t.layer2(t.layer1(x))))  # (B, C, H/8, W/8)
@@ -509,7 +518,8 @@ def load_run(path, device="cpu"):
         raise UserError(f"--checkpoint {path}: not a train.py checkpoint")
     a = ck["args"]
     clip, info = load_clip(a["clip"], a["clip_pretrained"], a.get("clip_config"), a.get("quick_gelu", "auto"), device)
-    f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a.get("aspp_rates", ASPP_RATES))
+    f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a.get("aspp_rates", ASPP_RATES),
+                      GRID_SHIFT[a.get("grid", "corner")])  # runs from before --grid: corner
     f.load_state_dict(ck["model"])
     return f.to(device).eval(), MaskCLIP(clip, info).to(device), ck
 

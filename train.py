@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from data import CONTEXT_FOLDS, SegDataset, TwoViews, UserError, atomic_save, collate, warp
 from losses import (UnknownPrototypes, embedding_consistency, kmeans_segments, pixel_sample,
-                    pixel_segment_contrastive, pseudo_label_loss, segment_means, semantic_consistency)
-from model import ASPP_RATES, MaskCLIP, PixelEmbedder, class_embeddings, load_clip
+                    pixel_segment_contrastive, pseudo_label_loss, regions_on_grid, segment_means,
+                    semantic_consistency)
+from model import ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, class_embeddings, load_clip
 
 
 def get_args(argv=None):
@@ -42,6 +43,9 @@ def get_args(argv=None):
     p.add_argument("--head-dim", type=int, default=512, help="channels of f's ASPP and projection head [choice]")
     p.add_argument("--aspp-rates", type=int, nargs=4, default=list(ASPP_RATES),
                    help="dilation rates of f's four ASPP branches (DeepLab-v2's, for 321-513 px crops) [choice]")
+    p.add_argument("--grid", choices=["centre", "corner"], default="centre",
+                   help="f's cell i looks at the centre of pixels [8i, 8i+8) or at pixel 8i, as runs before "
+                        "2026-11-28 did (README)")
     # Data
     p.add_argument("--dataset", default="voc", choices=["voc", "context", "cocostuff", "folder", "toy"])
     p.add_argument("--class-names", default=None, help="a file of class names (one per line) replacing the dataset's")
@@ -180,7 +184,7 @@ def main(args):
     text = class_embeddings(teacher, known)  # (K, D)
     kappa_s = args.kappa_s or float(clip.logit_scale.exp())
     f = PixelEmbedder(text.shape[1], args.backbone, args.backbone_weights, args.head_dim,
-                      args.aspp_rates).to(device)
+                      args.aspp_rates, GRID_SHIFT[args.grid]).to(device)
     net = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f  # f stays the unwrapped module
     unknown = UnknownPrototypes(args.unknown_protos if args.method == "clip-s4" else 0, text.shape[1],
                                 tau=args.unknown_tau, scale=args.unknown_scale or float(clip.logit_scale.exp())).to(device)
@@ -201,6 +205,9 @@ def main(args):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         if list(ck["args"].get("aspp_rates", ASPP_RATES)) != list(args.aspp_rates):  # same shapes, other f
             raise UserError(f"{ckpt_path} was trained with other --aspp-rates: resume with the run's own flags")
+        if ck["args"].get("grid", "corner") != args.grid:
+            raise UserError(f"{ckpt_path} was trained with --grid {ck['args'].get('grid', 'corner')}: "
+                            f"resume with the run's own flags")
         f.load_state_dict(ck["model"])
         unknown.load_state_dict(ck["unknown"])
         opt.load_state_dict(ck["optimizer"])
@@ -248,8 +255,7 @@ def main(args):
             B, V = batch["views"].shape[:2]
             x = batch["views"].flatten(0, 1).to(device)  # (B, V, 3, S, S) -> (BV, 3, S, S)
             h, w = x.shape[2] // f.stride, x.shape[3] // f.stride
-            regions = F.interpolate(batch["regions"].flatten(0, 1)[:, None].float(), size=(h, w),
-                                    mode="nearest")[:, 0].long().to(device)  # (BV, h, w)
+            regions = regions_on_grid(batch["regions"].flatten(0, 1), (h, w), args.grid).to(device)  # (BV, h, w)
             with torch.no_grad():
                 clip_map = teacher_maps(teacher, batch, (h, w), device)  # (BV, D, h, w)
             t = tick("teacher", t)

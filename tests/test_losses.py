@@ -46,6 +46,33 @@ def test_kmeans_segments_structure_and_hand_case():
     assert (seg.ids[0, :, 3:] != seg.ids[0, 0, 0]).all()
 
 
+def test_image_segments_position_weight():
+    """knn.py --kmeans-lambda: with weight 0 the evaluation k-means sees the embeddings alone, so a map
+    of two flat parts split along a diagonal gives exactly those two parts; with the default weight 1
+    the 36 segments are also compact in position, so they cut the parts into many."""
+    z = torch.zeros(1, 4, 12, 12)
+    part = torch.triu(torch.ones(12, 12, dtype=torch.bool), diagonal=3)  # the upper right, off the grid lines
+    z[0, 0][part], z[0, 1][~part] = 1.0, 1.0
+    seg, emb = L.image_segments(z, 36, 20, lam=0.0)
+    assert seg.count == 2 and len(emb) == 2
+    assert (seg.ids[0][part] == seg.ids[0][part][0]).all() and (seg.ids[0][~part] != seg.ids[0][part][0]).all()
+    seg, _ = L.image_segments(z, 36, 20, lam=1.0)
+    assert seg.count > 20
+    for s in range(seg.count):  # still never a segment across the two parts
+        assert len(set(part[seg.ids[0] == s].tolist())) == 1
+
+
+def test_regions_on_grid_reads_cell_centres():
+    """Cell i of a stride-8 grid takes the region at pixel 8i + 4, the middle of its block: a boundary
+    at column 13 puts cell 1 (pixels 8-15, centre 12) on the left of it, at column 12 on the right."""
+    for edge, cell1 in ((13, 0), (12, 1)):
+        r = torch.zeros(1, 16, 24, dtype=torch.long)
+        r[..., edge:] = 1
+        grid = L.regions_on_grid(r, (2, 3))
+        assert grid.tolist() == [[[0, cell1, 1]] * 2], (edge, grid.tolist())
+        assert L.regions_on_grid(r, (2, 3), "corner").tolist() == [[[0, 0, 1]] * 2]  # pixels 0, 8, 16
+
+
 def reference_lc(z, regions, seg, pix, kappa, views=2):
     BV, D, h, w = z.shape
     pixels = segments_by_loop(z, regions, seg)

@@ -244,3 +244,26 @@ def test_wrong_weights_file(rn, tiny_configs, tmp_path):
     f.write_text("not weights")
     with pytest.raises(UserError, match="cannot read"):
         M.load_clip(pretrained=str(f), config=tiny_configs["vit"])
+
+
+def test_pixel_embedder_cells_centred_on_their_blocks():
+    """Every script paints f's cell i over pixels [8i, 8i+8). The centre of mass of a cell's input
+    gradient (where the cell looks) must move from the trunk's own centre, pixel 8i, which checkpoints
+    from before the shift keep (shift=0), by 4 pixels down and right, to the middle of its block."""
+    torch.manual_seed(0)
+    f = M.PixelEmbedder(8, "resnet18", "none", hidden=8, rates=(1, 1, 1, 1)).eval()
+    old = M.PixelEmbedder(8, "resnet18", "none", hidden=8, rates=(1, 1, 1, 1), shift=0).eval()
+    old.load_state_dict(f.state_dict())
+    x = torch.rand(1, 3, 128, 128)
+    at = torch.arange(128.0) + 0.5  # pixel centres
+    centres = []
+    for net in (f, old):
+        xi = x.clone().requires_grad_(True)
+        z = net(xi)
+        g = sum(torch.autograd.grad((z[0, :, 8, 8] * torch.randn(8)).sum(), xi, retain_graph=True)[0][0].abs().sum(0)
+                for _ in range(8))  # (128, 128)
+        w = g / g.sum()
+        centres.append(torch.stack([(w.sum(1) * at).sum(), (w.sum(0) * at).sum()]))  # (y, x)
+    new, before = centres
+    assert ((new - before - 4).abs() < 1).all(), (new, before)  # 4 pixels down and right
+    assert ((new - 68).abs() < 2.5).all() and ((before - 68).abs() > 3.5).all(), (new, before)  # cell 8: 64-71

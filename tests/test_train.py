@@ -26,18 +26,21 @@ def test_methods_run_and_checkpoint_loads(toy_world, tmp_path, method):
     assert z.shape == (1, 64, 8, 8) and torch.allclose(z.norm(dim=1), torch.ones(1, 8, 8), atol=1e-5)
 
 
-def test_aspp_rates_travel_with_the_checkpoint(toy_world, tmp_path):
+def test_aspp_rates_and_grid_travel_with_the_checkpoint(toy_world, tmp_path):
     root, _ = toy_world
     train.main(args_for(root, tmp_path / "r", "--iters", "1", "--aspp-rates", "1", "2", "3", "4"))
     f, _, ck = M.load_run(tmp_path / "r" / "ckpt.pt")
-    assert [conv.dilation for conv in f.aspp] == [(r, r) for r in (1, 2, 3, 4)]
+    assert [conv.dilation for conv in f.aspp] == [(r, r) for r in (1, 2, 3, 4)] and f.shift == 4
     with pytest.raises(train.UserError, match="aspp-rates"):  # same weight shapes, but another network
         train.main(args_for(root, tmp_path / "r", "--iters", "2", "--resume"))
-    # a checkpoint from before the flag existed rebuilds f with DeepLab-v2's rates
-    del ck["args"]["aspp_rates"]
+    with pytest.raises(train.UserError, match="grid centre"):
+        train.main(args_for(root, tmp_path / "r", "--iters", "2", "--resume", "--aspp-rates", "1", "2", "3", "4",
+                            "--grid", "corner"))
+    # a checkpoint from before the flags existed rebuilds f with DeepLab-v2's rates and no shift
+    del ck["args"]["aspp_rates"], ck["args"]["grid"]
     torch.save(ck, tmp_path / "old.pt")
     f, _, _ = M.load_run(tmp_path / "old.pt")
-    assert [conv.dilation[0] for conv in f.aspp] == [6, 12, 18, 24]
+    assert [conv.dilation[0] for conv in f.aspp] == [6, 12, 18, 24] and f.shift == 0
 
 
 def test_resume_is_exact(toy_world, tmp_path):
