@@ -477,7 +477,8 @@ class PixelEmbedder(nn.Module):
     so f reads its input moved up and left by `shift` = 4 pixels (the last 4 rows and columns repeated)
     and its cells sit on their blocks. shift=0 rebuilds checkpoints saved before this (load_run)."""
 
-    def __init__(self, dim, backbone="resnet101", weights="auto", hidden=512, rates=ASPP_RATES, shift=4):
+    def __init__(self, dim, backbone="resnet101", weights="auto", hidden=512, rates=ASPP_RATES,
+                 shift=GRID_SHIFT["centre"]):
         super().__init__()
         self.shift = shift
         self.trunk, c = dilated_resnet(backbone, weights)
