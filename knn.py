@@ -4,7 +4,9 @@ Every image is cut into 36 segments by k-means on its embeddings and pixel posit
 the position's weight is --kmeans-lambda, our choice). A training segment is labelled by the majority
 ground-truth label of its pixels; a validation segment takes the majority vote of its 20 nearest
 training segments (cosine), is painted back, and scored. No class names are used, so this measures
-the embeddings themselves (Pascal VOC: 21 classes, background included).
+the embeddings themselves (Pascal VOC: 21 classes, background included). A second row, the segment
+ceiling, paints each validation segment with its own majority label: how well the segments alone can
+do, so that a gap between two models splits into their segments' part and their retrieval's part.
 
     python knn.py --dataset voc --data-root data/voc --checkpoint runs/voc_vit16/ckpt.pt
     python knn.py --dataset voc --data-root data/voc --method maskclip          # the teacher's features
@@ -241,24 +243,34 @@ def main(args):
         print(f"memory: {len(memory)} segments written to {mem_file}")
     memory, mem_labels = memory.to(device).float(), mem_labels.to(device)
     # ---- vote for each validation segment, paint, score ----
-    cm = np.zeros((K, K), np.int64)
+    # The segment ceiling: each validation segment painted with its own majority label, the best any
+    # vote can do with these segments. k-NN below it = retrieval's loss; ceiling below 100 = the segments'.
+    cm, ceiling = np.zeros((K, K), np.int64), np.zeros((K, K), np.int64)
     data = EvalImages(val, args.size, stride)
     for i in tqdm(range(len(data)), desc="validation segments"):
         item = data[i]
-        emb, _, ids = segments_and_labels(embed, item, args.segments, args.kmeans_iters, K, args.kmeans_lambda)
+        emb, own, ids = segments_and_labels(embed, item, args.segments, args.kmeans_iters, K, args.kmeans_lambda)
         pred = knn_vote(emb.float(), memory, mem_labels, args.k, K, args.chunk).cpu()[ids]  # (H, W)
         cm += confusion_matrix(pred.numpy(), item["label"].numpy(), K)
-    return report(args, cm, names, label, "k-NN")
+        ceiling += confusion_matrix(own.clamp(min=0)[ids].numpy(), item["label"].numpy(), K)  # -1: no labelled pixel
+    return report(args, cm, names, label, "k-NN", ceiling)
 
 
-def report(args, cm, names, label, protocol):
-    """Print ours (and on VOC the supplementary's k-NN numbers beside them), write --json."""
+def report(args, cm, names, label, protocol, ceiling=None):
+    """Print ours (and on VOC the supplementary's k-NN numbers beside them), write --json. ceiling: the
+    confusion of the segment ceiling (k-NN only), reported as its mIoU, pAcc and mAcc."""
     result = segmentation_metrics(cm, names)
+    if ceiling is not None:
+        result["segment_ceiling"] = {k: v for k, v in segmentation_metrics(ceiling, names).items() if k != "per_class"}
     paper = PAPER_VOC.get(label) if args.dataset == "voc" and protocol == "k-NN" and len(names) == 21 else None
     print("\n| method | protocol | mIoU | pAcc | mAcc |" + (" paper pAcc | paper mAcc |" if paper else "")
           + "\n|---|---|---|---|---|" + ("---|---|" if paper else ""))
     print(f"| {label} | {protocol} | {result['mIoU']:.1f} | {result['pAcc']:.1f} | {result['mAcc']:.1f} |"
           + (f" {paper[0][0]} | {paper[0][1] or '-'} |" if paper else ""))
+    if ceiling is not None:
+        c = result["segment_ceiling"]
+        print(f"| {label} | segment ceiling | {c['mIoU']:.1f} | {c['pAcc']:.1f} | {c['mAcc']:.1f} |"
+              + (" | |" if paper else ""))
     if paper:
         print("\n| class | IoU | paper IoU (Table 4) |\n|---|---|---|")
         for (n, v), ref in zip(result["per_class"].items(), paper[1]):

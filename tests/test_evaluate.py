@@ -59,7 +59,8 @@ def test_knn_vote_matches_sklearn():
     np.testing.assert_array_equal(ours.numpy(), ref.predict(queries.numpy()))
 
 
-def test_knn_protocol_runs_and_reuses_memory(toy_world, tmp_path, capsys):
+def test_knn_protocol_runs_and_reuses_memory(toy_world, tmp_path, capsys, monkeypatch):
+    import numpy as np
     import knn
     root, _ = toy_world
     argv = ["--dataset", "toy", "--data-root", str(root), "--method", "maskclip", "--clip-config",
@@ -67,8 +68,21 @@ def test_knn_protocol_runs_and_reuses_memory(toy_world, tmp_path, capsys):
             "--limit-train", "24", "--segments", "16", "--k", "5", "--memory-dir", str(tmp_path / "mem")]
     first = knn.main(knn.get_args(argv))
     assert "written to" in capsys.readouterr().out and 0 < first["pAcc"] <= 100
+    seen = []  # the second run reads its memory, so it cuts only the validation images: keep them
+    cut = knn.segments_and_labels
+
+    def keep(embed, item, *rest):
+        out = cut(embed, item, *rest)
+        seen.append((out[2].numpy(), item["label"].numpy()))
+        return out
+    monkeypatch.setattr(knn, "segments_and_labels", keep)
     second = knn.main(knn.get_args(argv))
     assert "segments from" in capsys.readouterr().out and second == first
+    # The segment ceiling by hand: every segment keeps the count of its most common labelled class.
+    right = sum(np.bincount(gt[(ids == s) & (gt != 255)]).max(initial=0) for ids, gt in seen for s in np.unique(ids))
+    labelled = sum((gt != 255).sum() for _, gt in seen)
+    assert first["segment_ceiling"]["pAcc"] == pytest.approx(100 * right / labelled)
+    assert first["pAcc"] <= first["segment_ceiling"]["pAcc"] < 100  # a vote paints whole segments too
 
 
 def test_slide_equals_whole_image_for_a_pointwise_scorer():
