@@ -79,7 +79,8 @@ def test_knn_protocol_runs_and_reuses_memory(toy_world, tmp_path, capsys, monkey
     second = knn.main(knn.get_args(argv))
     assert "segments from" in capsys.readouterr().out and second == first
     # The segment ceiling by hand: every segment keeps the count of its most common labelled class.
-    right = sum(np.bincount(gt[(ids == s) & (gt != 255)]).max(initial=0) for ids, gt in seen for s in np.unique(ids))
+    right = sum(np.bincount(gt[(ids == s) & (gt != 255)]).max(initial=0)
+                for ids, gt in seen for s in np.unique(ids))
     labelled = sum((gt != 255).sum() for _, gt in seen)
     assert first["segment_ceiling"]["pAcc"] == pytest.approx(100 * right / labelled)
     assert first["pAcc"] <= first["segment_ceiling"]["pAcc"] < 100  # a vote paints whole segments too
