@@ -1,12 +1,14 @@
 """knn.py: unsupervised evaluation of pixel embeddings by k-NN segment retrieval (supplementary A.1).
 
 Every image is cut into 36 segments by k-means on its embeddings and pixel positions (20 iterations;
-the position's weight is --kmeans-lambda, our choice). A training segment is labelled by the majority
-ground-truth label of its pixels; a validation segment takes the majority vote of its 20 nearest
-training segments (cosine), is painted back, and scored. No class names are used, so this measures
-the embeddings themselves (Pascal VOC: 21 classes, background included). A second row, the segment
-ceiling, paints each validation segment with its own majority label: how well the segments alone can
-do, so that a gap between two models splits into their segments' part and their retrieval's part.
+the position's weight is --kmeans-lambda, our choice), on the embedding grid or, with --kmeans-at
+labels, on the embeddings resized to the label size (edges may then fall inside a cell; our choice
+too). A training segment is labelled by the majority ground-truth label of its pixels; a validation
+segment takes the majority vote of its 20 nearest training segments (cosine), is painted back, and
+scored. No class names are used, so this measures the embeddings themselves (Pascal VOC: 21
+classes, background included). A second row, the segment ceiling, paints each validation segment
+with its own majority label: how well the segments alone can do, so that a gap between two models
+splits into their segments' part and their retrieval's part.
 
     python knn.py --dataset voc --data-root data/voc --checkpoint runs/voc_vit16/ckpt.pt
     python knn.py --dataset voc --data-root data/voc --method maskclip          # the teacher's features
@@ -76,6 +78,10 @@ def get_args(argv=None):
     p.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations")
     p.add_argument("--kmeans-lambda", type=float, default=1.0,
                    help="weight of pixel position in that k-means (0: embeddings alone) [choice]")
+    p.add_argument("--kmeans-at", choices=["features", "labels"], default="features",
+                   help="features: k-means on the h x w embedding grid, segments resized (nearest) to the "
+                        "labels; labels: embeddings resized (bilinear) to the label size first, as "
+                        "SegSort's inference does [choice]")
     p.add_argument("--k", type=int, default=20, help="nearest training segments that vote")
     p.add_argument("--chunk", type=int, default=4096, help="queries per retrieval matmul")
     # Linear probe (supplementary A.1)
@@ -96,10 +102,13 @@ def get_args(argv=None):
 
 
 @torch.no_grad()
-def segments_and_labels(embed, item, n_segments, iters, num_classes, lam=1.0):
+def segments_and_labels(embed, item, n_segments, iters, num_classes, lam=1.0, at="features"):
     """Segments of one image: unit embeddings (S, D), their majority label (S,) (-1: all ignore), and the
-    segment map (H, W) at label size."""
-    seg, emb = image_segments(embed(item["image"][None]), n_segments, iters, lam)
+    segment map (H, W) at label size. at="labels": k-means on the embeddings resized to (H, W)."""
+    feats = embed(item["image"][None])
+    if at == "labels":
+        feats = F.normalize(F.interpolate(feats.float(), size=item["label"].shape, mode="bilinear"), dim=1)
+    seg, emb = image_segments(feats, n_segments, iters, lam)
     labels, ids = majority_labels(seg.ids[0].cpu(), item["label"].long(), num_classes, seg.count)
     return emb, labels, ids
 
@@ -225,6 +234,8 @@ def main(args):
     protocol = [args.dataset, str(args.data_root), args.size, args.segments, args.kmeans_iters, n_train]
     if args.kmeans_lambda != 1.0:  # memories from before --kmeans-lambda keep their name
         protocol.append(args.kmeans_lambda)
+    if args.kmeans_at != "features":
+        protocol.append(args.kmeans_at)
     key = hashlib.sha1(json.dumps(ident + protocol).encode()).hexdigest()[:16]
     mem_file = Path(args.memory_dir) / f"{label}_{args.dataset}_{key}.pt"
     if mem_file.is_file():
@@ -234,7 +245,8 @@ def main(args):
         rows, labs = [], []
         data = EvalImages(train, args.size, stride)
         for i in tqdm(range(n_train), desc="training segments"):
-            emb, lab, _ = segments_and_labels(embed, data[i], args.segments, args.kmeans_iters, K, args.kmeans_lambda)
+            emb, lab, _ = segments_and_labels(embed, data[i], args.segments, args.kmeans_iters, K, args.kmeans_lambda,
+                                              args.kmeans_at)
             rows.append(emb[lab >= 0].half().cpu())
             labs.append(lab[lab >= 0])
         memory, mem_labels = torch.cat(rows), torch.cat(labs)
@@ -249,7 +261,8 @@ def main(args):
     data = EvalImages(val, args.size, stride)
     for i in tqdm(range(len(data)), desc="validation segments"):
         item = data[i]
-        emb, own, ids = segments_and_labels(embed, item, args.segments, args.kmeans_iters, K, args.kmeans_lambda)
+        emb, own, ids = segments_and_labels(embed, item, args.segments, args.kmeans_iters, K, args.kmeans_lambda,
+                                            args.kmeans_at)
         pred = knn_vote(emb.float(), memory, mem_labels, args.k, K, args.chunk).cpu()[ids]  # (H, W)
         cm += confusion_matrix(pred.numpy(), item["label"].numpy(), K)
         ceiling += confusion_matrix(own.clamp(min=0)[ids].numpy(), item["label"].numpy(), K)  # -1: no labelled pixel

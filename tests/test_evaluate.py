@@ -84,6 +84,24 @@ def test_knn_protocol_runs_and_reuses_memory(toy_world, tmp_path, capsys, monkey
     labelled = sum((gt != 255).sum() for _, gt in seen)
     assert first["segment_ceiling"]["pAcc"] == pytest.approx(100 * right / labelled)
     assert first["pAcc"] <= first["segment_ceiling"]["pAcc"] < 100  # a vote paints whole segments too
+    knn.main(knn.get_args(argv + ["--kmeans-at", "labels"]))  # another protocol: its own memory
+    assert "written to" in capsys.readouterr().out
+
+
+def test_knn_segments_at_label_size_follow_an_edge_inside_a_cell():
+    import knn
+    import torch
+    import torch.nn.functional as F
+    label = torch.zeros(64, 64, dtype=torch.long)
+    label[:, 40:] = 1  # the edge halves the third of four 16-px cells
+    item = {"image": F.one_hot(label, 2).permute(2, 0, 1).float(), "label": label}
+    embed = lambda x: F.normalize(F.avg_pool2d(x, 16), dim=1)  # noqa: E731  stride 16, that cell a 50/50 mix
+
+    def right(at):
+        _, own, ids = knn.segments_and_labels(embed, item, 4, 20, 2, 0.0, at)
+        return (own[ids] == label).float().mean().item()
+    assert right("features") == 1 - 8 / 64  # the mixed cell is one segment: 8 of its 16 columns wrong
+    assert right("labels") >= 1 - 2 / 64  # bilinear embeddings put the segments' edge within 2 px
 
 
 def test_slide_equals_whole_image_for_a_pointwise_scorer():
