@@ -81,7 +81,7 @@ def get_args(argv=None):
     p.add_argument("--kmeans-at", choices=["features", "labels"], default="features",
                    help="features: k-means on the h x w embedding grid, segments resized (nearest) to the "
                         "labels; labels: embeddings resized (bilinear) to the label size first, as "
-                        "SegSort's inference does [choice]")
+                        "SPML's and HSG's k-NN scripts do [choice]")
     p.add_argument("--k", type=int, default=20, help="nearest training segments that vote")
     p.add_argument("--chunk", type=int, default=4096, help="queries per retrieval matmul")
     # Linear probe (supplementary A.1)
