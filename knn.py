@@ -238,6 +238,8 @@ def main(args):
         protocol.append(args.kmeans_at)
     key = hashlib.sha1(json.dumps(ident + protocol).encode()).hexdigest()[:16]
     mem_file = Path(args.memory_dir) / f"{label}_{args.dataset}_{key}.pt"
+    cut = lambda item: segments_and_labels(embed, item, args.segments, args.kmeans_iters, K,  # noqa: E731
+                                           args.kmeans_lambda, args.kmeans_at)  # the same protocol for both sets
     if mem_file.is_file():
         memory, mem_labels = torch.load(mem_file, weights_only=True)
         print(f"memory: {len(memory)} segments from {mem_file}")
@@ -245,8 +247,7 @@ def main(args):
         rows, labs = [], []
         data = EvalImages(train, args.size, stride)
         for i in tqdm(range(n_train), desc="training segments"):
-            emb, lab, _ = segments_and_labels(embed, data[i], args.segments, args.kmeans_iters, K, args.kmeans_lambda,
-                                              args.kmeans_at)
+            emb, lab, _ = cut(data[i])
             rows.append(emb[lab >= 0].half().cpu())
             labs.append(lab[lab >= 0])
         memory, mem_labels = torch.cat(rows), torch.cat(labs)
@@ -261,8 +262,7 @@ def main(args):
     data = EvalImages(val, args.size, stride)
     for i in tqdm(range(len(data)), desc="validation segments"):
         item = data[i]
-        emb, own, ids = segments_and_labels(embed, item, args.segments, args.kmeans_iters, K, args.kmeans_lambda,
-                                            args.kmeans_at)
+        emb, own, ids = cut(item)
         pred = knn_vote(emb.float(), memory, mem_labels, args.k, K, args.chunk).cpu()[ids]  # (H, W)
         cm += confusion_matrix(pred.numpy(), item["label"].numpy(), K)
         ceiling += confusion_matrix(own.clamp(min=0)[ids].numpy(), item["label"].numpy(), K)  # -1: no labelled pixel
