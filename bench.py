@@ -1,12 +1,12 @@
 """bench.py: speed and memory of the stages, for the README. Numbers are measured, never asserted.
 
-    python bench.py dense       # MaskCLIP dense features vs a plain encode_image (RN50, ViT-B-16, 448 px)
-    python bench.py text        # text prototypes: 171 COCO-Stuff names, fast path (--plain: 21 VOC names, both paths)
-    python bench.py segment     # segment.py on a 512x384 and a 6000x4000 image: time split and peak memory
+    python bench.py dense       # MaskCLIP dense features vs encode_image (RN50, ViT-B-16, 448 px)
+    python bench.py text        # text prototypes of 171 COCO-Stuff names (--plain: 21, both paths)
+    python bench.py segment     # segment.py on 512x384 and 6000x4000 images: time and peak memory
     python bench.py data        # training samples/s at 336 crops, 0 and 2 workers; superpixel cost
     python bench.py train       # train.py at the paper setting: s/step, phases, peak memory
     python bench.py knn         # k-NN retrieval at VOC scale vs scikit-learn's brute force
-    python bench.py eval        # evaluate.py's per-image cost: teacher (whole, slide) and f (resnet101)
+    python bench.py eval        # evaluate.py per image: teacher (whole, slide) and f (resnet101)
 
 All use random CLIP weights (the cost of a forward does not depend on the values) and print one
 markdown table row per measurement. `--device cuda` times on a GPU where there is one.
@@ -26,7 +26,15 @@ import open_clip
 import torch
 from PIL import Image
 
-from data import COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, knn_vote, superpixels
+from data import (
+    COCOSTUFF_CLASSES,
+    VOC_CLASSES,
+    SegDataset,
+    TwoViews,
+    collate,
+    knn_vote,
+    superpixels,
+)
 from model import MaskCLIP, PixelEmbedder, class_scores, encode_text_fast, read_templates
 
 
@@ -50,14 +58,17 @@ def bench_dense(args, device):
     print("| model | input | encode_image ms | MaskCLIP dense ms | dense / encode_image |")
     print("|---|---|---|---|---|")
     for name in ("RN50", "ViT-B-16"):
-        clip = open_clip.create_model(name, force_image_size=args.size, pretrained_text=False).eval().to(device)
-        teacher = MaskCLIP(clip, {"name": name, "pretrained": "none", "weights": None, "quick_gelu": False})
+        clip = open_clip.create_model(name, force_image_size=args.size,
+                                      pretrained_text=False).eval().to(device)
+        teacher = MaskCLIP(clip, {"name": name, "pretrained": "none", "weights": None,
+                                  "quick_gelu": False})
         x = torch.rand(args.batch, 3, args.size, args.size, device=device)
         xn = (x - teacher.mean) / teacher.std
         with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
             t_enc = timed(lambda: clip.encode_image(xn), args.repeats, device)
         t_dense = timed(lambda: teacher.dense(x), args.repeats, device)
-        print(f"| {name} | {args.batch}x{args.size}x{args.size} | {t_enc:.0f} | {t_dense:.0f} | {t_dense / t_enc:.2f}x |")
+        print(f"| {name} | {args.batch}x{args.size}x{args.size} | {t_enc:.0f} | {t_dense:.0f} | "
+              f"{t_dense / t_enc:.2f}x |")
 
 
 @torch.no_grad()
@@ -67,56 +78,72 @@ def bench_text(args, device):
     templates = read_templates()
     print("| classes | prompts | path | seconds | max abs diff to plain |")
     print("|---|---|---|---|---|")
-    sets = [("VOC", VOC_CLASSES + ["background"], args.plain), ("COCO-Stuff", COCOSTUFF_CLASSES, False)]
+    sets = [
+        ("VOC", VOC_CLASSES + ["background"], args.plain),
+        ("COCO-Stuff", COCOSTUFF_CLASSES, False),
+    ]
     for label, names, plain in sets:
         tokens = tok([t.format(c) for c in names for t in templates]).to(device)
         t = time.perf_counter()
         fast = encode_text_fast(clip, tokens)
         t_fast = time.perf_counter() - t
         diff = "-"
-        if plain:  # the plain path for the 21 VOC names only: 171 COCO-Stuff names take about 11 minutes
+        # the plain path for the 21 VOC names only: 171 COCO-Stuff names take about 11 minutes
+        if plain:
             t = time.perf_counter()
             plain = torch.cat([clip.encode_text(c) for c in tokens.split(128)])
-            print(f"| {label} {len(names)} | {len(tokens)} | plain encode_text | {time.perf_counter() - t:.1f} | 0 |")
+            print(f"| {label} {len(names)} | {len(tokens)} | plain encode_text | "
+                  f"{time.perf_counter() - t:.1f} | 0 |")
             diff = f"{(fast - plain).abs().max().item():.1e}"
-        print(f"| {label} {len(names)} | {len(tokens)} | length-grouped (ours) | {t_fast:.1f} | {diff} |")
+        print(f"| {label} {len(names)} | {len(tokens)} | length-grouped (ours) | {t_fast:.1f} | "
+              f"{diff} |")
 
 
 def bench_segment(args, device):
-    """segment.py as a user runs it, in a child process; its printed split and the child's peak RSS."""
+    """segment.py as a user runs it, in a child process: its printed split, the child's peak RSS."""
     print("| image | model build s | text prototypes s | forward + save ms | peak RSS GiB |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
         for w, h in ((512, 384), (6000, 4000)):
             f = Path(d) / f"img_{w}x{h}.jpg"
-            Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(f)
-            cmd = [sys.executable, "segment.py", str(f), "--classes", "sky", "grass", "egg", "--clip-pretrained",
-                   "none", "--cache-dir", "", "--out-dir", str(Path(d) / "out"), "--device", args.device]
+            Image.fromarray(
+                np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+            ).save(f)
+            cmd = [sys.executable, "segment.py", str(f), "--classes", "sky", "grass", "egg",
+                   "--clip-pretrained",
+                   "none", "--cache-dir", "", "--out-dir", str(Path(d) / "out"), "--device",
+                   args.device]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            build, text = re.search(r"model build ([\d.]+) s \| text prototypes ([\d.]+) s", out).groups()
+            build, text = re.search(r"model build ([\d.]+) s \| text prototypes ([\d.]+) s",
+                                    out).groups()
             fwd = re.search(rf"{f.name} \(\d+x\d+\) (\d+) ms", out).group(1)
-            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # KiB -> GiB, max so far
+            # KiB -> GiB, max so far
+            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
             print(f"| {w}x{h} | {build} | {text} | {fwd} | {rss:.2f} |")
 
 
 def synthetic_folder(root, n):
-    """A VOC-layout folder of n smooth random 500 x 375 photos (low-frequency colour fields + grain)."""
+    """A VOC-layout folder of n smooth random 500 x 375 photos (smooth colour fields + grain)."""
     rng = np.random.default_rng(0)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True)
     ids = [f"im{i}" for i in range(n)]
     for i in ids:
-        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
-        img = np.clip(np.asarray(small, np.int16) + rng.integers(-12, 12, (375, 500, 3)), 0, 255).astype(np.uint8)
+        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+            (500, 375), Image.BICUBIC
+        )
+        img = np.clip(np.asarray(small, np.int16) + rng.integers(-12, 12, (375, 500, 3)), 0,
+                      255).astype(np.uint8)
         Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg")
-        Image.fromarray(np.zeros((375, 500), np.uint8)).save(root / "SegmentationClass" / f"{i}.png")
+        Image.fromarray(np.zeros((375, 500),
+                                 np.uint8)).save(root / "SegmentationClass" / f"{i}.png")
     (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids))
     (root / "classes.txt").write_text("sky\ngrass\nperson\n")
 
 
 def bench_data(args, device):
     """The training pipeline on VOC-sized images (500 x 375): superpixels per image, then samples/s
-    with 0 and 2 workers, first epoch (SLIC computed) and later epochs (SLIC read from the cache)."""
+    with 0 and 2 workers, first epoch (SLIC computed) and later epochs (SLIC from the cache)."""
     from torch.utils.data import DataLoader
     with tempfile.TemporaryDirectory() as d:
         root = Path(d) / "ds"
@@ -125,11 +152,13 @@ def bench_data(args, device):
         t = time.perf_counter()
         for i in range(len(base)):
             superpixels(base[i]["image"])
-        print(f"| SLIC superpixels (64) per 500x375 image | {1000 * (time.perf_counter() - t) / len(base):.0f} ms |")
+        print(f"| SLIC superpixels (64) per 500x375 image | "
+              f"{1000 * (time.perf_counter() - t) / len(base):.0f} ms |")
         print("| workers | epoch | samples/s (336 crops, 2 views, teacher source 448) |")
         print("|---|---|---|")
         for workers in (0, 2):
-            tv = TwoViews(base, crop_size=336, teacher_side=448, stride=16, cache_dir=Path(d) / f"slic{workers}")
+            tv = TwoViews(base, crop_size=336, teacher_side=448, stride=16,
+                          cache_dir=Path(d) / f"slic{workers}")
             loader = DataLoader(tv, batch_size=8, num_workers=workers, collate_fn=collate)
             for epoch, label in ((0, "first (SLIC computed)"), (1, "later (SLIC cached)")):
                 tv.set_epoch(epoch)
@@ -139,17 +168,19 @@ def bench_data(args, device):
 
 
 def bench_knn(args, device):
-    """k-NN retrieval at VOC scale (380k training segments, D = 1024): data.knn_vote (chunked matmul +
-    top-k) on --queries against scikit-learn's brute-force NearestNeighbors (cosine) on the first
+    """k-NN retrieval at VOC scale (380k training segments, D = 1024): data.knn_vote (chunked matmul
+    + top-k) on --queries against scikit-learn's brute-force NearestNeighbors (cosine) on the first
     --sk-queries of them (default: the same), both per 1,000 queries and for the protocol's 52k."""
     from sklearn.neighbors import NearestNeighbors
     g = torch.Generator().manual_seed(0)
     memory = torch.nn.functional.normalize(torch.randn(args.memory, args.dim, generator=g), dim=1)
     labels = torch.randint(0, 21, (args.memory,), generator=g)
     queries = torch.nn.functional.normalize(torch.randn(args.queries, args.dim, generator=g), dim=1)
-    memory_d, labels_d = memory.to(device), labels.to(device)  # the memory stays where it is, as in knn.py
+    # the memory stays where it is, as in knn.py
+    memory_d, labels_d = memory.to(device), labels.to(device)
     t = time.perf_counter()
-    knn_vote(queries.to(device), memory_d, labels_d, 20, 21, chunk=1024).cpu()  # .cpu() waits for the GPU
+    # .cpu() waits for the GPU
+    knn_vote(queries.to(device), memory_d, labels_d, 20, 21, chunk=1024).cpu()
     ours = time.perf_counter() - t
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     nq = min(args.sk_queries or args.queries, args.queries)
@@ -158,17 +189,21 @@ def bench_knn(args, device):
     nn_.kneighbors(queries[:nq].numpy())
     theirs = time.perf_counter() - t
     rate_o, rate_t = ours / args.queries * 1000, theirs / nq * 1000
-    print(f"| memory {args.memory} x {args.dim} | ours: {args.queries} queries in {ours:.1f} s ({rate_o:.2f} s/1k) | "
-          f"scikit-learn: {nq} queries in {theirs:.1f} s ({rate_t:.2f} s/1k) | x{rate_t / rate_o:.1f} | "
-          f"52k: ours {rate_o * 52 / 60:.1f} min, scikit-learn {rate_t * 52 / 60:.1f} min | peak RSS ours "
-          f"{rss_ours:.1f} GiB, both {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB |")
+    print(
+        f"| memory {args.memory} x {args.dim} | ours: {args.queries} queries in {ours:.1f} s "
+        f"({rate_o:.2f} s/1k) | "
+        f"scikit-learn: {nq} queries in {theirs:.1f} s ({rate_t:.2f} s/1k) | "
+        f"x{rate_t / rate_o:.1f} | 52k: ours {rate_o * 52 / 60:.1f} min, scikit-learn "
+        f"{rate_t * 52 / 60:.1f} min | peak RSS ours {rss_ours:.1f} GiB, both "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB |"
+    )
 
 
 @torch.no_grad()
 def bench_eval(args, device):
-    """evaluate.py's cost per image (features, cosine to K class prototypes, upsampling to the label,
-    argmax) on a 512 x 683 test image (VOC/COCO-Stuff's short side 512), random weights: the teacher
-    (ViT-B-16 and RN50, whole image and 512-px slide windows at stride 341) and f (resnet101)."""
+    """evaluate.py's cost per image (features, cosine to K class prototypes, upsampling to the
+    label, argmax) on a 512 x 683 test image (VOC/COCO-Stuff's short side 512), random weights: the
+    teacher (ViT-B-16 and RN50, whole image and 512-px slide windows, stride 341), f (resnet101)."""
     K, H, W = 171, 512, 683
     owner = torch.arange(K, device=device)
     print("| method | mode | ms / image | images / s |\n|---|---|---|---|")
@@ -190,7 +225,8 @@ def bench_eval(args, device):
         print(f"| {label} | {mode} | {ms:.0f} | {1000 / ms:.2f} |")
     for name in ("ViT-B-16", "RN50"):
         clip = open_clip.create_model(name, pretrained_text=False).eval().to(device)
-        teacher = MaskCLIP(clip, {"name": name, "pretrained": "none", "weights": None, "quick_gelu": False})
+        teacher = MaskCLIP(clip, {"name": name, "pretrained": "none", "weights": None,
+                                  "quick_gelu": False})
         run(f"MaskCLIP {name}", "whole", lambda x: teacher.dense(x)[0], teacher.stride)
         run(f"MaskCLIP {name}", "slide", lambda x: teacher.dense(x)[0], teacher.stride)
     f = PixelEmbedder(512, "resnet101", "none", 512).eval().to(device)
@@ -199,44 +235,58 @@ def bench_eval(args, device):
 
 
 def bench_train(args, device):
-    """train.py at the paper setting (resnet101, 336 crops, 8 images x 2 views, ViT-B-16 teacher at 448),
-    random weights, on synthetic 500 x 375 photos: the last of --steps steps, its phases, peak RSS."""
+    """train.py at the paper setting (resnet101, 336 crops, 8 images x 2 views, ViT-B-16 teacher at
+    448), random weights, synthetic 500 x 375 photos: the last of --steps steps, phases, RSS."""
     with tempfile.TemporaryDirectory() as d:
         synthetic_folder(Path(d) / "ds", 16)
-        cmd = [sys.executable, "train.py", "--dataset", "folder", "--data-root", str(Path(d) / "ds"),
-               "--clip-pretrained", "none", "--backbone", args.backbone, "--backbone-weights", "none",
-               "--iters", str(args.steps), "--log-every", "1", "--profile", "--out-dir", str(Path(d) / "run"),
-               "--device", args.device, "--unknown-protos", "20", "--batch-size", str(args.batch_size),
+        cmd = [sys.executable, "train.py", "--dataset", "folder", "--data-root",
+               str(Path(d) / "ds"),
+               "--clip-pretrained", "none", "--backbone", args.backbone, "--backbone-weights",
+               "none",
+               "--iters", str(args.steps), "--log-every", "1", "--profile", "--out-dir",
+               str(Path(d) / "run"),
+               "--device", args.device, "--unknown-protos", "20", "--batch-size",
+               str(args.batch_size),
                "--workers", str(args.workers)] + (["--no-amp"] if args.no_amp else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        lines = [l for l in out.splitlines() if l.startswith(("step", "  phases"))]
+        lines = [ln for ln in out.splitlines() if ln.startswith(("step", "  phases"))]
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
         print("\n".join(lines[-2:]))
         ms = float(re.search(r"\| (\d+) ms$", lines[-2]).group(1))
         gpu = re.search(r"GPU peak ([\d.]+) GiB", lines[-2])
         precision = "fp32" if args.no_amp or device.type == "cpu" else "AMP fp16"
-        print(f"| {args.backbone}, 336 crops, {args.batch_size} x 2 views, {precision} | {ms / 1000:.2f} s/step | "
+        print(f"| {args.backbone}, 336 crops, {args.batch_size} x 2 views, {precision} | "
+              f"{ms / 1000:.2f} s/step | "
               f"{rss:.1f} GiB peak RSS" + (f", {gpu.group(1)} GiB GPU peak" if gpu else "")
               + f" | 20k steps: {ms * 20000 / 3.6e6:.1f} h |")
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["dense", "text", "segment", "data", "train", "knn", "eval"])
-    p.add_argument("--memory", type=int, default=380000, help="knn: training segments in the memory")
-    p.add_argument("--queries", type=int, default=2000, help="knn: validation segments timed (protocol: 52000)")
-    p.add_argument("--sk-queries", type=int, default=0, help="knn: time scikit-learn on only the first N (0: all)")
+    p.add_argument("--memory", type=int, default=380000,
+                   help="knn: training segments in the memory")
+    p.add_argument("--queries", type=int, default=2000,
+                   help="knn: validation segments timed (protocol: 52000)")
+    p.add_argument("--sk-queries", type=int, default=0,
+                   help="knn: time scikit-learn on only the first N (0: all)")
     p.add_argument("--dim", type=int, default=1024, help="knn: embedding dimension")
     p.add_argument("--backbone", default="resnet101", help="train: f's trunk")
-    p.add_argument("--steps", type=int, default=3, help="train: steps to run (the last one is reported)")
-    p.add_argument("--batch-size", type=int, default=8, help="train: images per step (8 = the paper setting here)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="train: steps to run (the last one is reported)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="train: images per step (8 = the paper setting here)")
     p.add_argument("--workers", type=int, default=2, help="train: DataLoader worker processes")
-    p.add_argument("--no-amp", action="store_true", help="train: fp32 on CUDA (default: mixed precision)")
-    p.add_argument("--images", type=int, default=48, help="data: synthetic 500x375 images in the pipeline")
+    p.add_argument("--no-amp", action="store_true",
+                   help="train: fp32 on CUDA (default: mixed precision)")
+    p.add_argument("--images", type=int, default=48,
+                   help="data: synthetic 500x375 images in the pipeline")
     p.add_argument("--size", type=int, default=448, help="dense: input side in pixels")
     p.add_argument("--batch", type=int, default=1, help="dense: images per forward")
     p.add_argument("--repeats", type=int, default=5, help="dense: timed repeats (median reported)")
-    p.add_argument("--plain", action="store_true", help="text: also time plain encode_text (slow on CPU)")
+    p.add_argument("--plain", action="store_true",
+                   help="text: also time plain encode_text (slow on CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -244,8 +294,10 @@ def main():
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "data": bench_data,
      "train": bench_train, "knn": bench_knn, "eval": bench_eval}[args.what](args, device)
-    if device.type == "cuda" and torch.cuda.max_memory_allocated():  # train and segment run in a child
-        print(f"GPU peak memory (this process): {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
+    # train and segment run in a child
+    if device.type == "cuda" and torch.cuda.max_memory_allocated():
+        print(f"GPU peak memory (this process): {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} "
+              f"GiB")
 
 
 if __name__ == "__main__":

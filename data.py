@@ -3,12 +3,13 @@
 Notation used in shape comments: B images, H x W pixels, K classes.
 
 Public API:
-    UserError                      -> an expected failure (bad file, bad flag): scripts print one line
+    UserError                      -> an expected failure (bad file, bad flag): one line printed
     load_image(path)               -> (H, W, 3) uint8 RGB, EXIF-rotated, any PIL mode
     image_tensor(img)              -> (1, 3, H, W) float in [0, 1]
     resize_for_teacher(img, ...)   -> the teacher's input: short side fixed, multiple of its stride
-    palette(n), save_label_png(), draw_overlay()  -> colours, palette PNG label maps, overlay pictures
+    palette(n), save_label_png()  -> colours and palette PNG label maps
     confusion_matrix(), segmentation_metrics()    -> mIoU / pAcc / mAcc / per-class IoU
+    language_confusion()           -> the confusion of argmax class scores over a split
     SegDataset(name, root, split)  -> voc, context, cocostuff, folder, toy readers
     TwoViews, warp(), superpixels()-> CLIP-S4 training samples and their geometry
     EvalImages, collate, knn_vote  -> evaluation samples, batching, k-NN retrieval
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IGNORE = 255  # label value that is never scored
@@ -83,13 +85,16 @@ def teacher_size(H, W, short_side, stride, max_long_side):
     """The (h, w) an H x W image is resized to: short side `short_side`, long side capped at
     `max_long_side` (very wide images shrink further), both rounded to multiples of `stride`."""
     scale = min(short_side / min(H, W), max_long_side / max(H, W))
-    return (max(stride, round(H * scale / stride) * stride), max(stride, round(W * scale / stride) * stride))
+    return (
+        max(stride, round(H * scale / stride) * stride),
+        max(stride, round(W * scale / stride) * stride),
+    )
 
 
 def resize_for_teacher(img, short_side, stride, max_long_side):
     """The teacher's input: img (H, W, 3) uint8 resized with PIL's bicubic filter (antialiased when
-    shrinking, as CLIP's own preprocessing) to teacher_size(...). Resizing the uint8 image before any
-    float conversion keeps a 6000 x 4000 photo cheap. Returns (3, h, w) float32 in [0, 1]."""
+    shrinking, as CLIP's own preprocessing) to teacher_size(...). Resizing the uint8 image before
+    any float conversion keeps a 6000 x 4000 photo cheap. Returns (3, h, w) float32 in [0, 1]."""
     h, w = teacher_size(img.shape[0], img.shape[1], short_side, stride, max_long_side)
     small = np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
     return image_tensor(small)[0]
@@ -99,7 +104,7 @@ def resize_for_teacher(img, short_side, stride, max_long_side):
 # Label maps and colours
 # ----------------------------------------------------------------------------------------------
 def palette(n):
-    """n distinct RGB colours, (n, 3) uint8: the 20 of matplotlib's tab20, then golden-ratio hues."""
+    """n distinct RGB colours, (n, 3) uint8: matplotlib's tab20, then golden-ratio hues."""
     base = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
             (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
@@ -121,18 +126,28 @@ def save_label_png(path, labels, colours):
     atomic_save(img, path)
 
 
-def atomic_save(obj, path):
+def atomic_save(obj, path, previous=None):
     """Write through a temporary file and a rename, so a crash never leaves half a file: a PIL image
-    is saved in the format of the path's suffix, anything else with torch.save (checkpoints, caches)."""
+    is saved in the format of the path's suffix, anything else with torch.save (checkpoints,
+    caches). previous: a path that receives the old file once the new one is complete (train.py's
+    ckpt_prev.pt), so a file that is damaged later still has a readable predecessor."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # one per process: no clashes
-    obj.save(tmp) if isinstance(obj, Image.Image) else torch.save(obj, tmp)
+    # one per process: no clashes
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        obj.save(tmp) if isinstance(obj, Image.Image) else torch.save(obj, tmp)
+    except BaseException:  # a full disk or Ctrl-C: no half file left behind, the old one untouched
+        tmp.unlink(missing_ok=True)
+        raise
+    if previous is not None and path.exists():
+        os.replace(path, previous)
     os.replace(tmp, path)
 
 
 def per_class_line(per_class):
     """'per class IoU: sky 81.2, grass 60.1, ...' (classes without an IoU left out)."""
-    return "per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in per_class.items() if v is not None)
+    return "per class IoU: " + ", ".join(f"{k} {v:.1f}" for k,
+                                         v in per_class.items() if v is not None)
 
 
 def write_json(path, obj):
@@ -140,12 +155,6 @@ def write_json(path, obj):
     import json
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=1))
-
-
-def label_shares(labels, num_classes):
-    """Fraction of pixels of each class: (H, W) ints -> (K,) float64 summing to 1."""
-    counts = np.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]
-    return counts / max(1, counts.sum())
 
 
 def resize_labels(labels, size):
@@ -156,55 +165,24 @@ def resize_labels(labels, size):
 
 
 
-def draw_overlay(img, labels, names, colours, shares=None, alpha=0.55, max_side=1600, min_side=320):
-    """The picture a person looks at: the image, the image tinted by its label colours, and a legend
-    naming each class (with its share of the image; absent classes greyed), in columns if needed.
-    img (H, W, 3) uint8, labels (H, W) ints in [0, K), names K strings, colours (K, 3) uint8,
-    shares (K,) fractions or None. Returns a PIL RGB image; small images are enlarged (nearest)."""
-    from PIL import ImageDraw, ImageFont
-    H, W = labels.shape
-    scale = min(max_side / max(H, W), max(1.0, min_side / min(H, W)))
-    size = (max(1, round(W * scale)), max(1, round(H * scale)))
-    img = np.asarray(Image.fromarray(img).resize(size, Image.NEAREST if scale > 1 else Image.BILINEAR))
-    labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST))
-    tint = (img * (1 - alpha) + colours[labels] * alpha).astype(np.uint8)  # (h, w, 3) at display size
-    pics = [Image.fromarray(a) for a in (img, tint)]
-    font = ImageFont.load_default(size=16)
-    rows = [n + (f"  {100 * s:.1f}%" if shares is not None else "") for n, s in
-            zip(names, shares if shares is not None else [None] * len(names))]
-    row_h, pad, gap = 24, 8, 6
-    per_col = max(1, min(len(rows), (max(size[1], 240) - 2 * pad) // row_h))
-    col_w = pad + 18 + pad + max(int(font.getlength(r)) for r in rows)
-    n_cols = -(-len(rows) // per_col)
-    canvas = Image.new("RGB", (2 * size[0] + gap + n_cols * col_w + pad, max(size[1], 2 * pad + per_col * row_h)),
-                       (255, 255, 255))
-    canvas.paste(pics[0], (0, 0))
-    canvas.paste(pics[1], (size[0] + gap, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, r in enumerate(rows):
-        x = 2 * size[0] + gap + (k // per_col) * col_w + pad
-        y = pad + (k % per_col) * row_h
-        absent = shares is not None and shares[k] == 0
-        draw.rectangle([x, y + 2, x + 18, y + 20], fill=tuple(int(c) for c in colours[k]), outline=(0, 0, 0))
-        draw.text((x + 18 + pad, y + 2), r, fill=(160, 160, 160) if absent else (0, 0, 0), font=font)
-    return canvas
-
-
 # ----------------------------------------------------------------------------------------------
 # Metrics: everything from one confusion matrix
 # ----------------------------------------------------------------------------------------------
 def confusion_matrix(pred, gt, num_classes, ignore=IGNORE):
     """Rows = ground truth, columns = prediction, pixels labelled `ignore` left out.
     pred, gt: integer arrays of one shape. Returns (K, K) int64."""
-    pred, gt = np.asarray(pred).reshape(-1).astype(np.int64), np.asarray(gt).reshape(-1).astype(np.int64)
+    pred, gt = (
+        np.asarray(pred).reshape(-1).astype(np.int64),
+        np.asarray(gt).reshape(-1).astype(np.int64),
+    )
     keep = gt != ignore
     idx = num_classes * gt[keep] + pred[keep]
     return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def segmentation_metrics(cm, names):
-    """mIoU, pAcc, mAcc (percent) and per-class IoU from a confusion matrix. A class absent from both
-    ground truth and prediction has no IoU (left out of the mean, None per class), not IoU 0."""
+    """mIoU, pAcc, mAcc (percent) and per-class IoU from a confusion matrix. A class absent from
+    both ground truth and prediction has no IoU (left out of the mean, None per class), not 0."""
     cm = np.asarray(cm, dtype=np.float64)
     tp, gt, pr = np.diag(cm), cm.sum(1), cm.sum(0)
     union = gt + pr - tp
@@ -217,62 +195,124 @@ def segmentation_metrics(cm, names):
             "per_class": {n: (None if np.isnan(v) else 100 * float(v)) for n, v in zip(names, iou)}}
 
 
+def language_confusion(scores_of, data, num_classes, limit=0, desc=None):
+    """The language-driven protocol over a split: each image's class scores, upsampled (bilinear) to
+    its label, argmax per pixel, one confusion matrix. Used by evaluate.py and by train.py's
+    validation. No random numbers are drawn, so scoring inside training leaves the run unchanged.
+    Args:
+        scores_of: maps an image (1, 3, h, w) float in [0, 1] to class scores (1, K, h', w').
+        data: EvalImages; limit: score only the first N images (0: all); desc: a progress-bar title.
+    Returns:
+        (K, K) int64 confusion matrix, rows = ground truth."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    n = min(len(data), limit) if limit else len(data)
+    for i in tqdm(range(n), desc=desc, disable=desc is None, leave=False):
+        item = data[i]
+        s = scores_of(item["image"][None]).float()  # (1, K, h', w')
+        # (1, K, H, W)
+        s = F.interpolate(s, size=item["label"].shape, mode="bilinear", align_corners=False)
+        cm += confusion_matrix(s[0].argmax(0).cpu().numpy(), item["label"].numpy(), num_classes)
+    return cm
+
+
 # ----------------------------------------------------------------------------------------------
 # Datasets: class names (MaskCLIP's natural-language spellings) and readers
 # ----------------------------------------------------------------------------------------------
-VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table",
-               "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "table",
+               "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",
+               "tv monitor"]
 # The supplementary's four class-free folds; concatenated they are Pascal Context-59 in label order.
 CONTEXT_FOLDS = [
-    ["airplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
+    ["airplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
+     "building",
      "bus", "cabinet", "car", "cat"],
-    ["ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog", "door", "fence", "floor", "flower",
+    ["ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog", "door", "fence",
+     "floor", "flower",
      "food", "grass", "ground"],
     ["horse", "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform",
      "potted plant", "road", "rock", "sheep", "shelves", "sidewalk"],
-    ["sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tv monitor", "wall", "water",
+    ["sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tv monitor",
+     "wall", "water",
      "window", "wood"]]
 CONTEXT_CLASSES = [c for fold in CONTEXT_FOLDS for c in fold]
 # COCO-Stuff-171 in labelTrainIds order; the stuff names lose their "-other"/"-stuff" suffixes and
 # read as phrases ("wall-brick" -> "brick wall"): our spelling choice, overridable by --class-names.
 COCOSTUFF_CLASSES = (
-    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
-    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"
-    "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
-    "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,"
-    "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,keyboard,"
-    "cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,"
-    "toothbrush,banner,blanket,branch,bridge,building,bush,cabinet,cage,cardboard,carpet,ceiling,ceiling tile,"
-    "cloth,clothes,clouds,counter,cupboard,curtain,desk,dirt,door,fence,marble floor,floor,stone floor,"
-    "tile floor,wood floor,flower,fog,food,fruit,furniture,grass,gravel,ground,hill,house,leaves,light,mat,"
-    "metal,mirror,moss,mountain,mud,napkin,net,paper,pavement,pillow,plant,plastic,platform,playingfield,"
-    "railing,railroad,river,road,rock,roof,rug,salad,sand,sea,shelf,sky,skyscraper,snow,solid,stairs,stone,"
-    "straw,structural,table,tent,textile,towel,tree,vegetable,brick wall,concrete wall,wall,panel wall,"
-    "stone wall,tile wall,wood wall,water,waterdrops,window blind,window,wood").split(",")
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,"
+    "stop sign,"
+    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,"
+    "umbrella,handbag,"
+    "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,"
+    "surfboard,"
+    "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,"
+    "broccoli,carrot,"
+    "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,"
+    "remote,keyboard,"
+    "cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,"
+    "hair drier,"
+    "toothbrush,banner,blanket,branch,bridge,building,bush,cabinet,cage,cardboard,carpet,ceiling,"
+    "ceiling tile,"
+    "cloth,clothes,clouds,counter,cupboard,curtain,desk,dirt,door,fence,marble floor,floor,"
+    "stone floor,"
+    "tile floor,wood floor,flower,fog,food,fruit,furniture,grass,gravel,ground,hill,house,leaves,"
+    "light,mat,"
+    "metal,mirror,moss,mountain,mud,napkin,net,paper,pavement,pillow,plant,plastic,platform,"
+    "playingfield,"
+    "railing,railroad,river,road,rock,roof,rug,salad,sand,sea,shelf,sky,skyscraper,snow,solid,"
+    "stairs,stone,"
+    "straw,structural,table,tent,textile,towel,tree,vegetable,brick wall,concrete wall,wall,"
+    "panel wall,"
+    "stone wall,tile wall,wood wall,water,waterdrops,window blind,window,wood"
+).split(",")
 
 # name: (base folders tried under --data-root, image dir, label dir per split, split list per split,
-#        default root). "{split}" is filled in; a list of None means "every label file in the folder".
+#        default root). "{split}" is filled in; a list of None means "every label file in the
+# folder".
 LAYOUTS = {
-    "voc": (["VOCdevkit/VOC2012", "."], "JPEGImages",
-            {"train": "SegmentationClassAug", "val": "SegmentationClass"},
-            {"train": "ImageSets/Segmentation/train_aug.txt", "val": "ImageSets/Segmentation/val.txt"}, "data/voc"),
-    "context": (["VOCdevkit/VOC2010", "."], "JPEGImages", {"train": "SegmentationClassContext", "val":
-                "SegmentationClassContext"}, {"train": "ImageSets/SegmentationContext/train.txt",
-                                              "val": "ImageSets/SegmentationContext/val.txt"}, "data/context"),
-    "cocostuff": (["coco_stuff164k", "."], "images/{split}2017", {"train": "annotations/train2017",
-                  "val": "annotations/val2017"}, {"train": None, "val": None}, "data/cocostuff"),
-    "folder": (["."], "JPEGImages", {"train": "SegmentationClass", "val": "SegmentationClass"},
-               {"train": "ImageSets/Segmentation/train.txt", "val": "ImageSets/Segmentation/val.txt"}, None),
+    "voc": (
+        ["VOCdevkit/VOC2012", "."],
+        "JPEGImages",
+        {"train": "SegmentationClassAug", "val": "SegmentationClass"},
+        {"train": "ImageSets/Segmentation/train_aug.txt", "val": "ImageSets/Segmentation/val.txt"},
+        "data/voc",
+    ),
+    "context": (
+        ["VOCdevkit/VOC2010", "."],
+        "JPEGImages",
+        {"train": "SegmentationClassContext", "val": "SegmentationClassContext"},
+        {
+            "train": "ImageSets/SegmentationContext/train.txt",
+            "val": "ImageSets/SegmentationContext/val.txt",
+        },
+        "data/context",
+    ),
+    "cocostuff": (
+        ["coco_stuff164k", "."],
+        "images/{split}2017",
+        {"train": "annotations/train2017", "val": "annotations/val2017"},
+        {"train": None, "val": None},
+        "data/cocostuff",
+    ),
+    "folder": (
+        ["."],
+        "JPEGImages",
+        {"train": "SegmentationClass", "val": "SegmentationClass"},
+        {"train": "ImageSets/Segmentation/train.txt", "val": "ImageSets/Segmentation/val.txt"},
+        None,
+    ),
 }
 LAYOUTS["toy"] = LAYOUTS["folder"][:4] + ("data/toy",)
+DATASETS = list(LAYOUTS)  # the --dataset choices of every script
 
 
 def read_class_file(path):
     """classes.txt: one class per line, line index = label id, optional ';' synonyms."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such class-name file (one class per line, line index = label id)")
-    names = [l.strip() for l in path.read_text().splitlines() if l.strip()]
+        raise UserError(f"{path}: no such class-name file (one class per line, line index = label "
+                        f"id)")
+    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     if not names:
         raise UserError(f"{path}: no class names in it")
     return names
@@ -288,12 +328,13 @@ def find_base(name, root):
         if (root / b / image_dir.format(split="val")).is_dir():
             return root / b
     found = sorted(p.name for p in root.iterdir())[:8]
-    raise UserError(f"--dataset {name}: expected {' or '.join(str(root / b / image_dir) for b in bases)}, "
+    raise UserError(f"--dataset {name}: expected "
+                    f"{' or '.join(str(root / b / image_dir) for b in bases)}, "
                     f"found {found or 'an empty folder'} in {root}")
 
 
 class SegDataset(torch.utils.data.Dataset):
-    """A semantic-segmentation split: item i -> {"image": (H, W, 3) uint8, "label": (H, W) uint8 class
+    """A semantic-segmentation split: item i -> {"image": (H, W, 3) uint8, "label": (H, W) uint8
     indices with 255 = ignore, "id": str}.
 
     voc: 20 object classes with background ignored (MaskCLIP's language-driven protocol), or 21 with
@@ -301,7 +342,8 @@ class SegDataset(torch.utils.data.Dataset):
     folder / toy: any VOC-layout folder with classes.txt. `on_bad_file`: "stop" raises a UserError
     naming the file; "skip" warns, counts it in .bad and serves the next good item instead."""
 
-    def __init__(self, name, root=None, split="val", background=False, class_names=None, on_bad_file="stop"):
+    def __init__(self, name, root=None, split="val", background=False, class_names=None,
+                 on_bad_file="stop"):
         if name not in LAYOUTS:
             raise UserError(f"--dataset {name}: choose from {', '.join(LAYOUTS)}")
         if split not in ("train", "val"):
@@ -315,7 +357,8 @@ class SegDataset(torch.utils.data.Dataset):
         if name == "voc":
             raw = ["background"] + VOC_CLASSES
             if not background:
-                lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)  # 0 -> ignore, k -> k-1
+                # 0 -> ignore, k -> k-1
+                lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)
         elif name == "context":
             raw = ["background"] + CONTEXT_CLASSES
             lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)
@@ -328,13 +371,17 @@ class SegDataset(torch.utils.data.Dataset):
         names = [n for v, n in enumerate(raw) if lut[v] != IGNORE]
         self.classes = read_class_file(class_names) if class_names else names
         if len(self.classes) != len(names):
-            raise UserError(f"{class_names}: {len(self.classes)} names, but {name} has {len(names)} classes")
+            raise UserError(f"{class_names}: {len(self.classes)} names, but {name} has "
+                            f"{len(names)} classes")
         # The items of the split.
         if lists[split] is None:
             if not label_dir.is_dir():
                 raise UserError(f"--dataset {name}: expected label folder {label_dir}")
-            ids = sorted(p.name[: -len("_labelTrainIds.png")] for p in label_dir.glob("*_labelTrainIds.png"))
-            self.items = [(i, image_dir / f"{i}.jpg", label_dir / f"{i}_labelTrainIds.png") for i in ids]
+            ids = sorted(
+                p.name[: -len("_labelTrainIds.png")] for p in label_dir.glob("*_labelTrainIds.png")
+            )
+            self.items = [(i, image_dir / f"{i}.jpg",
+                           label_dir / f"{i}_labelTrainIds.png") for i in ids]
         else:
             lst = base / lists[split]
             if not lst.is_file():
@@ -368,7 +415,8 @@ class SegDataset(torch.utils.data.Dataset):
             raise UserError(f"{lp}: label {raw.shape} does not match image {img.shape[:2]}")
         valid = raw[raw != 255]
         if valid.size and int(valid.max()) >= self.num_raw:
-            raise UserError(f"{lp}: label value {int(valid.max())}, but {self.name} has {self.num_raw} raw classes")
+            raise UserError(f"{lp}: label value {int(valid.max())}, but {self.name} has "
+                            f"{self.num_raw} raw classes")
         return {"image": img, "label": self.lut[raw], "id": sid}
 
     def __getitem__(self, i):
@@ -385,7 +433,7 @@ class SegDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training samples (method.md section 5): two augmented views, their geometry, the teacher's
+# Training samples (docs/method.md section 5): two augmented views, their geometry, the teacher's
 # un-augmented source and superpixel regions. Geometry is a box in normalised source coordinates
 # (y0, x0, y1, x1) in [0, 1] plus a flip, so it warps maps of any resolution.
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +443,8 @@ def random_box(g, aspect, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
     except the smallest scale, 0.25 not 0.08, so a view keeps enough context for CLIP [choice]."""
     for _ in range(10):
         area = float(torch.empty(1).uniform_(*scale, generator=g))
-        r = math.exp(float(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)))
+        r = math.exp(float(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                   generator=g)))
         h, w = math.sqrt(area * aspect / r), math.sqrt(area * r / aspect)  # fractions of H and of W
         if h <= 1 and w <= 1:
             y0 = float(torch.rand(1, generator=g)) * (1 - h)
@@ -407,8 +456,8 @@ def random_box(g, aspect, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
 def warp(maps, boxes, flips, size, mode="bilinear", pad=0.0):
     """Resample maps computed on the whole source onto views: view pixel (i, j) reads the source at
     the matching point of its box (pixel centres, align_corners=False), mirrored when flipped.
-    maps (B, C, h, w) float, boxes (B, 4) (y0, x0, y1, x1) in [0, 1], flips (B,) bool, size (S_h, S_w).
-    mode "bilinear" for features, "nearest" for region ids; outside the source reads `pad`.
+    maps (B, C, h, w) float, boxes (B, 4) (y0, x0, y1, x1) in [0, 1], flips (B,) bool, size (S_h,
+    S_w). mode "bilinear" for features, "nearest" for region ids; outside the source reads `pad`.
     Returns (B, C, S_h, S_w)."""
     B = maps.shape[0]
     boxes = torch.as_tensor(boxes, dtype=torch.float32, device=maps.device).view(B, 4)
@@ -441,7 +490,7 @@ def colour_jitter(x, g, strength=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2)
 
 def superpixels(img, n_segments=64, compactness=10.0, cache_file=None):
     """SLIC superpixels of the source (scikit-image) [choice: SLIC, about 64 per image], cached on
-    disk as a 16-bit PNG so later epochs reuse them. img (H, W, 3) uint8 -> (H, W) int64 ids from 0."""
+    disk as a 16-bit PNG for later epochs. img (H, W, 3) uint8 -> (H, W) int64 ids from 0."""
     if cache_file is not None and Path(cache_file).is_file():
         return np.asarray(Image.open(cache_file)).astype(np.int64)
     from skimage.segmentation import slic
@@ -461,9 +510,16 @@ class TwoViews(torch.utils.data.Dataset):
         regions (V, S, S) long: superpixel ids warped onto each view (nearest), -1 = outside
     Deterministic under `seed`: sample i of epoch e uses its own generator, whatever the workers."""
 
-    def __init__(self, base, crop_size=336, teacher_side=448, stride=16, max_side=1344, n_segments=64,
+    def __init__(self, base, crop_size=336, teacher_side=448, stride=16, max_side=1344,
+                 n_segments=64,
                  cache_dir=None, seed=0):
-        self.base, self.crop, self.teacher_side, self.stride, self.max_side = base, crop_size, teacher_side, stride, max_side
+        self.base, self.crop, self.teacher_side, self.stride, self.max_side = (
+            base,
+            crop_size,
+            teacher_side,
+            stride,
+            max_side,
+        )
         self.n_segments, self.cache_dir, self.seed, self.epoch = n_segments, cache_dir, seed, 0
 
     def __len__(self):
@@ -477,8 +533,15 @@ class TwoViews(torch.utils.data.Dataset):
         item = self.base[i]
         img = item["image"]
         H, W = img.shape[:2]
-        cache = Path(self.cache_dir) / f"{item['id']}_slic{self.n_segments}.png" if self.cache_dir else None
-        seg = torch.from_numpy(superpixels(img, self.n_segments, cache_file=cache)).float()[None, None]  # (1, 1, H, W)
+        cache = (
+            Path(self.cache_dir) / f"{item['id']}_slic{self.n_segments}.png"
+            if self.cache_dir
+            else None
+        )
+        # (1, 1, H, W)
+        seg = torch.from_numpy(superpixels(img, self.n_segments, cache_file=cache)).float()[
+            None, None
+        ]
         src = image_tensor(img)  # (1, 3, H, W)
         boxes = torch.tensor([random_box(g, W / H) for _ in range(2)])  # (V, 4)
         flips = torch.rand(2, generator=g) < 0.5
@@ -491,7 +554,8 @@ class TwoViews(torch.utils.data.Dataset):
                 "id": item["id"]}
 
 
-EVAL_SIDE = {"voc": 512, "context": 520, "cocostuff": 512, "toy": 64}  # MaskCLIP's test sides; toy: its CLIP's
+# MaskCLIP's test sides; toy: its CLIP's
+EVAL_SIDE = {"voc": 512, "context": 520, "cocostuff": 512, "toy": 64}
 
 
 class EvalImages(torch.utils.data.Dataset):
@@ -513,7 +577,7 @@ class EvalImages(torch.utils.data.Dataset):
 
 
 def collate(items):
-    """Batch dicts: tensors of one shape are stacked, anything else (variable sizes, ids) kept as lists."""
+    """Batch dicts: tensors of one shape are stacked, anything else (sizes, ids) kept as lists."""
     out = {}
     for k in items[0]:
         vals = [it[k] for it in items]

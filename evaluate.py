@@ -3,70 +3,113 @@
 Each pixel takes the dataset class whose text prototype (85 templates) is nearest to the pixel's
 embedding; the scores come from one confusion matrix over the split. A class-free run (trained with
 names withheld) also reports known and unknown classes separately. Several runs at once (the four
-Pascal Context fold checkpoints, or the teacher with several --unknown-fold) add a mean +- std row, and
-where the supplementary has a number for the row (Tables 1-2: COCO-Stuff, Context with unknown
+Pascal Context fold checkpoints, or the teacher with several --unknown-fold) add a mean +- std row,
+and where the supplementary has a number for the row (Tables 1-2: COCO-Stuff, Context with unknown
 classes) it is printed beside ours.
 
 The teacher alone (MaskCLIP), and trained runs (CLIP-S4, MaskCLIP+, SegSort-only checkpoints):
-    python evaluate.py --dataset context --data-root data/context --method maskclip --unknown-fold 0 1 2 3
-    python evaluate.py --dataset context --data-root data/context --checkpoint runs/ctx_f{0,1,2,3}/ckpt.pt
+    python evaluate.py --dataset context --data-root data/context --method maskclip \
+        --unknown-fold 0 1 2 3
+    python evaluate.py --dataset context --data-root data/context \
+        --checkpoint runs/ctx_f{0,1,2,3}/ckpt.pt
     python evaluate.py --dataset cocostuff --checkpoint runs/coco_vit16/ckpt.pt --slide
-Toy world on a CPU (seconds):
-    python evaluate.py --dataset toy --method maskclip --clip-config data/toy/toyclip.json \
-        --clip-pretrained data/toy/toyclip.pt --size 64
-    python evaluate.py --dataset toy --checkpoint runs/toy_clips4/ckpt.pt --size 96 --json out/toy.json
+Toy world on a CPU (seconds; the toy CLIP is found in data/toy):
+    python evaluate.py --dataset toy --method maskclip
+    python evaluate.py --dataset toy --checkpoint runs/toy/ckpt.pt --with-teacher --json t.json
 """
 import argparse
 import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from data import (CONTEXT_FOLDS, EvalImages, SegDataset, UserError, confusion_matrix, per_class_line,
-                  segmentation_metrics, write_json)
-from model import class_scores, key_smoothing, load_embedder, pick_device, prompt_denoising
+from data import (CONTEXT_FOLDS, DATASETS, EvalImages, SegDataset, UserError, language_confusion,
+                  per_class_line, segmentation_metrics, write_json)
+from model import (add_clip_args, class_scores, key_smoothing, load_embedder, pick_device,
+                   prompt_denoising,
+                   resolve_clip_args)
 
-# The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name known,
-# by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std) over the
+# The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name
+# known,
+# by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std) over
+# the
 # four folds. The main paper's mIoU tables are not in ../shared/paper, so no mIoU column.
-PAPER = {("cocostuff", "maskclip", "RN50"): ("22.0", "26.1"), ("cocostuff", "maskclip", "ViT-B-16"): ("27.7", "32.4"),
-         ("cocostuff", "maskclip+", "RN50"): ("26.1", "32.2"), ("cocostuff", "maskclip+", "ViT-B-16"): ("35.7", "39.9"),
-         ("cocostuff", "clip-s4", "RN50"): ("28.6", "36.2"), ("cocostuff", "clip-s4", "ViT-B-16"): ("36.8", "43.6"),
-         ("context-folds", "maskclip"): ("45.2", "46.4"), ("context-folds", "maskclip+"): ("43.1±4.3", "40.3±2.0"),
-         ("context-folds", "clip-s4"): ("54.4±1.0", "52.3±0.5")}
+PAPER = {
+    ("cocostuff", "maskclip", "RN50"): ("22.0", "26.1"),
+    ("cocostuff", "maskclip", "ViT-B-16"): ("27.7", "32.4"),
+    ("cocostuff", "maskclip+", "RN50"): ("26.1", "32.2"),
+    ("cocostuff", "maskclip+", "ViT-B-16"): ("35.7", "39.9"),
+    ("cocostuff", "clip-s4", "RN50"): ("28.6", "36.2"),
+    ("cocostuff", "clip-s4", "ViT-B-16"): ("36.8", "43.6"),
+    ("context-folds", "maskclip"): ("45.2", "46.4"),
+    ("context-folds", "maskclip+"): ("43.1±4.3", "40.3±2.0"),
+    ("context-folds", "clip-s4"): ("54.4±1.0", "52.3±0.5"),
+}
+
+NAMES = {"maskclip": "MaskCLIP", "clip-s4": "CLIP-S4", "maskclip+": "MaskCLIP+",
+         "segsort": "SegSort-only"}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
-    p.add_argument("--checkpoint", nargs="+", default=[], help="train.py checkpoints (each brings its CLIP); "
+    p.add_argument("--checkpoint", nargs="+", default=[],
+                   help="train.py checkpoints (each brings its CLIP); "
                    "several (e.g. the four fold runs) add a mean +- std row")
-    p.add_argument("--method", default=None, choices=["maskclip"], help="maskclip: the frozen teacher alone")
-    p.add_argument("--clip", default="ViT-B-16", help="--method maskclip: open_clip model name")
-    p.add_argument("--clip-pretrained", default="openai", help="--method maskclip: tag or weights file")
-    p.add_argument("--clip-config", default=None, help="--method maskclip: custom open_clip JSON config")
-    p.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--key-smoothing", action="store_true", help="MaskCLIP refinement (teacher only)")
-    p.add_argument("--prompt-denoising", action="store_true", help="MaskCLIP refinement (teacher only)")
+    p.add_argument("--method", default=None, choices=["maskclip"],
+                   help="maskclip: the frozen teacher alone")
+    p.add_argument(
+        "--with-teacher",
+        action="store_true",
+        help="also score the teacher of the first --checkpoint (same CLIP, same images, at "
+        "--teacher-size) and print the comparison",
+    )
+    p.add_argument(
+        "--teacher-size",
+        type=int,
+        default=None,
+        help="the teacher's test short side (default: the dataset's, 64 for the toy CLIP)",
+    )
+    add_clip_args(p)
+    p.add_argument("--key-smoothing", action="store_true",
+                   help="MaskCLIP refinement (teacher only)")
+    p.add_argument("--prompt-denoising", action="store_true",
+                   help="MaskCLIP refinement (teacher only)")
     # Data
-    p.add_argument("--dataset", default="voc", choices=["voc", "context", "cocostuff", "folder", "toy"])
-    p.add_argument("--class-names", default=None, help="a file of class names (one per line) replacing the dataset's")
+    p.add_argument("--dataset", default="voc", choices=DATASETS)
+    p.add_argument("--class-names", default=None,
+                   help="a file of class names (one per line) replacing the dataset's")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
-    p.add_argument("--size", type=int, default=None, help="test short side (default 512; 520 for context)")
-    p.add_argument("--unknown-fold", type=int, nargs="+", default=[], choices=range(4),
-                   help="teacher only: report fold K's classes as unknown (several: one row each, and mean +- std)")
-    p.add_argument("--unknown-classes", nargs="+", default=[], help="teacher only: report these as unknown")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="test short side (default: a checkpoint's --eval-size, else 512; 520 for context)",
+    )
+    p.add_argument(
+        "--unknown-fold",
+        type=int,
+        nargs="+",
+        default=[],
+        choices=range(4),
+        help="teacher only: report fold K's classes as unknown (several: a row each, "
+        "and mean +- std)",
+    )
+    p.add_argument("--unknown-classes", nargs="+", default=[],
+                   help="teacher only: report these as unknown")
     p.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
-    p.add_argument("--slide", action="store_true", help="score overlapping windows and average (default: whole image)")
-    p.add_argument("--window", type=int, default=None, help="--slide: window side in pixels (default: --size)")
-    p.add_argument("--window-stride", type=int, default=None, help="--slide: step between windows (default: 2/3 window)")
+    p.add_argument("--slide", action="store_true",
+                   help="score overlapping windows and average (default: whole image)")
+    p.add_argument("--window", type=int, default=None,
+                   help="--slide: window side in pixels (default: --size)")
+    p.add_argument("--window-stride", type=int, default=None,
+                   help="--slide: step between windows (default: 2/3 window)")
     # Output
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    return p.parse_args(argv)
+    return resolve_clip_args(p.parse_args(argv))
 
 
 def subset_metrics(cm, names, subset):
@@ -77,8 +120,12 @@ def subset_metrics(cm, names, subset):
     ious = [full["per_class"][n] for n in subset if full["per_class"][n] is not None]
     gt = cm[idx].sum(1)
     accs = [100 * cm[k, k] / g for k, g in zip(idx, gt) if g > 0]
-    return {"mIoU": float(np.mean(ious)) if ious else 0.0, "pAcc": 100 * float(cm[idx, idx].sum() / max(gt.sum(), 1)),
-            "mAcc": float(np.mean(accs)) if accs else 0.0, "per_class": {n: full["per_class"][n] for n in subset}}
+    return {
+        "mIoU": float(np.mean(ious)) if ious else 0.0,
+        "pAcc": 100 * float(cm[idx, idx].sum() / max(gt.sum(), 1)),
+        "mAcc": float(np.mean(accs)) if accs else 0.0,
+        "per_class": {n: full["per_class"][n] for n in subset},
+    }
 
 
 def slide_scores(score, x, window, step, stride):
@@ -97,24 +144,31 @@ def slide_scores(score, x, window, step, stride):
             if total is None:
                 total = s.new_zeros(1, s.shape[1], H // stride, W // stride)
                 count = s.new_zeros(1, 1, H // stride, W // stride)
-            total[:, :, y // stride:y // stride + s.shape[2], x0 // stride:x0 // stride + s.shape[3]] += s
-            count[:, :, y // stride:y // stride + s.shape[2], x0 // stride:x0 // stride + s.shape[3]] += 1
+            total[:, :, y // stride:y // stride + s.shape[2],
+                  x0 // stride:x0 // stride + s.shape[3]] += s
+            count[:, :, y // stride:y // stride + s.shape[2],
+                  x0 // stride:x0 // stride + s.shape[3]] += 1
     return total / count
 
 
 @torch.no_grad()
-def confusion(args, checkpoint, device):
+def confusion(args, checkpoint, device, size=None):
     """One pass over the split for the teacher (checkpoint None) or one run: the confusion matrix,
-    the class names, the run (or None), what to call the row, and the CLIP model's name."""
-    embed, stride, teacher, run = load_embedder(argparse.Namespace(**{**vars(args), "checkpoint": checkpoint}),
-                                                device, with_keys=args.key_smoothing and not checkpoint)
+    the class names, the run (or None), what to call the row, and the CLIP model's name. size: the
+    test short side (default: the run's --eval-size, else the dataset's)."""
+    embed, stride, teacher, run = load_embedder(
+        argparse.Namespace(**{**vars(args), "checkpoint": checkpoint}),
+        device,
+        with_keys=args.key_smoothing and not checkpoint,
+    )
     base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names)
-    data = EvalImages(base, args.size, stride)
+    data = EvalImages(base, size or (run["args"]["eval_size"] if run else None), stride)
     names = [c.split(";")[0] for c in base.classes]
     protos, owner = teacher.text_prototypes(base.classes)
     K = len(names)
 
-    def score(x):  # (1, 3, h, w) in [0, 1] -> (1, K, h', w') class scores (or smoothed probabilities)
+    # (1, 3, h, w) in [0, 1] -> (1, K, h', w') class scores (or smoothed probabilities)
+    def score(x):
         feats, keys = embed(x)
         s = class_scores(feats.float(), protos, owner, K)
         if args.prompt_denoising and not checkpoint:
@@ -123,21 +177,20 @@ def confusion(args, checkpoint, device):
             s = key_smoothing(s, keys)
         return s
 
+    def image_scores(x):
+        x = x.to(device)
+        if not args.slide:
+            return score(x)  # (1, K, h, w)
+        window = args.window or min(x.shape[2:])
+        return slide_scores(score, x, window, args.window_stride or 2 * window // 3, stride)
+
     label = run["method"] if run else "maskclip"
-    print(f"evaluate.py | {label} | {args.dataset} {args.split}: {len(base)} images, {K} classes"
-          + (f" | unknown: {', '.join(run['withheld'])}" if run and run["withheld"] else ""))
-    cm = np.zeros((K, K), np.int64)
-    n = min(len(data), args.limit) if args.limit else len(data)
-    for i in tqdm(range(n), desc="evaluating"):
-        item = data[i]
-        x = item["image"][None].to(device)
-        if args.slide:
-            window = args.window or min(x.shape[2:])
-            scores = slide_scores(score, x, window, args.window_stride or 2 * window // 3, stride)
-        else:
-            scores = score(x)  # (1, K, h, w)
-        scores = F.interpolate(scores, size=item["label"].shape, mode="bilinear", align_corners=False)
-        cm += confusion_matrix(scores[0].argmax(0).cpu().numpy(), item["label"].numpy(), K)
+    print(
+        f"evaluate.py | {label} | {args.dataset} {args.split}: {len(base)} images, {K} classes, "
+        f"short side {data.side}"
+        + (f" | unknown: {', '.join(run['withheld'])}" if run and run["withheld"] else "")
+    )
+    cm = language_confusion(image_scores, data, K, args.limit, desc="evaluating")
     return cm, names, run, label, teacher.info["name"]
 
 
@@ -154,7 +207,7 @@ def scored(cm, names, withheld):
 
 
 def mean_std(results):
-    """Mean and std (numpy's, ddof 0; the paper does not say which) of every number over the runs."""
+    """Mean and std (numpy's, ddof 0; the paper does not say which) of each number over the runs."""
     def walk(items):
         if isinstance(items[0], dict):
             return {k: walk([r[k] for r in items]) for k in items[0] if all(k in r for r in items)}
@@ -163,7 +216,11 @@ def mean_std(results):
     both = walk(results)
 
     def pick(tree, j):
-        return {k: pick(v, j) for k, v in tree.items()} if isinstance(tree, dict) else (tree[j] if tree else None)
+        return (
+            {k: pick(v, j) for k, v in tree.items()}
+            if isinstance(tree, dict)
+            else (tree[j] if tree else None)
+        )
     return pick(both, 0), pick(both, 1)
 
 
@@ -186,24 +243,48 @@ def main(args):
         splits = [CONTEXT_FOLDS[k] for k in args.unknown_fold] or [[]]
         names = [c.split(";")[0] for c in SegDataset(args.dataset, args.data_root, args.split,
                                                      class_names=args.class_names).classes]
-        scored(np.zeros((len(names),) * 2, np.int64), names, list(args.unknown_classes) + sum(splits, []))  # names first
+        # names first
+        scored(np.zeros((len(names),) * 2, np.int64), names,
+               list(args.unknown_classes) + sum(splits, []))
         cm, names, _, label, clip = confusion(args, None, device)
         for fold, extra in zip(args.unknown_fold or [None], splits):
             withheld = list(args.unknown_classes) + list(extra)
             results.append(scored(cm, names, withheld))
-            rows.append((label, clip, f"fold {fold}" if fold is not None else "", withheld, results[-1]))
+            rows.append((label, clip, f"fold {fold}" if fold is not None else "", withheld,
+                         results[-1]))
+    runs = []
     for path in args.checkpoint:
-        cm, names, run, label, clip = confusion(args, path, device)
+        cm, names, run, label, clip = confusion(args, path, device, args.size)
         results.append(scored(cm, names, run["withheld"]))
         rows.append((label, clip, path, run["withheld"], results[-1]))
+        runs.append(run)
+    teacher = None
+    if args.with_teacher:  # the CLIP the first run was trained with, on the same images
+        if not runs:
+            raise UserError("--with-teacher compares a --checkpoint with its teacher: give a "
+                            "checkpoint")
+        clip_flags = {k: runs[0]["args"][k] for k in ("clip", "clip_pretrained", "clip_config",
+                                                      "quick_gelu")}
+        cm, names, _, label, clip = confusion(argparse.Namespace(**{**vars(args), **clip_flags}),
+                                              None,
+                                              device, args.teacher_size)
+        teacher = (
+            label,
+            clip,
+            "teacher of the first run",
+            rows[0][3],
+            scored(cm, names, rows[0][3]),
+        )
     # ---- report: one markdown table, the supplementary's numbers beside ours ----
-    print("\n| method | CLIP | run | classes | mIoU | pAcc | mAcc | paper pAcc | paper mAcc |\n" + "|---" * 9 + "|")
-    for label, clip, which, withheld, r in rows:
+    print("\n| method | CLIP | run | classes | mIoU | pAcc | mAcc | paper pAcc | paper mAcc "
+          "|\n" + "|---" * 9 + "|")
+    for label, clip, which, withheld, r in ([teacher] if teacher else []) + rows:
         paper = paper_numbers(args.dataset, label, clip, withheld)
         for part in ["all"] + (["known", "unknown"] if withheld else []):
             m = r if part == "all" else r[part]
             p = paper if part == "all" else ("", "")
-            print(f"| {label} | {clip} | {which} | {part} | {m['mIoU']:.1f} | {m['pAcc']:.1f} | {m['mAcc']:.1f} "
+            print(f"| {label} | {clip} | {which} | {part} | {m['mIoU']:.1f} | {m['pAcc']:.1f} | "
+                  f"{m['mAcc']:.1f} "
                   f"| {p[0]} | {p[1]} |")
     result = results[0]
     if len(results) > 1:
@@ -213,6 +294,13 @@ def main(args):
             print(f"| mean ± std of {len(results)} | | | {part} | " + " | ".join(
                 f"{m[k]:.1f} ± {s[k]:.1f}" for k in ("mIoU", "pAcc", "mAcc")) + " | | |")
         result = {**mean, "std": std, "runs": [{"method": r[0], "run": r[2], **r[4]} for r in rows]}
+    if teacher:
+        t = teacher[4]
+        result["teacher"] = t
+        print(f"\n{NAMES['maskclip']} {t['mIoU']:.1f} -> {NAMES.get(rows[0][0], rows[0][0])} "
+              f"{result['mIoU']:.1f} mIoU ({result['mIoU'] - t['mIoU']:+.1f})"
+              + (f"; unknown names {t['unknown']['mIoU']:.1f} -> {result['unknown']['mIoU']:.1f}"
+                 if "unknown" in t and "unknown" in result else ""))
     print(per_class_line(result["per_class"]))
     if args.json:
         write_json(args.json, {"method": rows[0][0], **result})

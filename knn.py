@@ -1,4 +1,5 @@
-"""knn.py: unsupervised evaluation of pixel embeddings by k-NN segment retrieval (supplementary A.1).
+"""knn.py: unsupervised evaluation of pixel embeddings by k-NN segment retrieval (supplementary
+A.1).
 
 Every image is cut into 36 segments by k-means on its embeddings and pixel positions (20 iterations;
 the position's weight is --kmeans-lambda, our choice), on the embedding grid or, with --kmeans-at
@@ -11,11 +12,10 @@ with its own majority label: how well the segments alone can do, so that a gap b
 splits into their segments' part and their retrieval's part.
 
     python knn.py --dataset voc --data-root data/voc --checkpoint runs/voc_vit16/ckpt.pt
-    python knn.py --dataset voc --data-root data/voc --method maskclip          # the teacher's features
-Toy world on 2 CPU cores (a few minutes: about 4 for a trained run, measured 2026-11-27):
-    python knn.py --dataset toy --checkpoint runs/toy_clips4/ckpt.pt --size 96
-    python knn.py --dataset toy --method maskclip --clip-config data/toy/toyclip.json \
-        --clip-pretrained data/toy/toyclip.pt --size 64
+    python knn.py --dataset voc --data-root data/voc --method maskclip      # the teacher's features
+Toy world on 2 CPU cores (a few minutes: about 4 for a trained run, at its own --eval-size):
+    python knn.py --dataset toy --checkpoint runs/toy/ckpt.pt
+    python knn.py --dataset toy --method maskclip --size 64
 
 The training-segment memory (about 380k x D on VOC trainaug) is written next to --memory-dir and
 reused by later runs with the same model, dataset and protocol.
@@ -24,10 +24,10 @@ Linear probe (supplementary A.1: a 1x1 linear classifier on the frozen embedding
 lr 0.1 with poly decay, 512 crops, batch 16). Running the same command again continues an unfinished
 probe from its last save, or scores a finished one:
     python knn.py --dataset voc --data-root data/voc --checkpoint runs/voc_vit16/ckpt.pt --probe
-    python knn.py --dataset toy --checkpoint runs/toy_clips4/ckpt.pt --size 96 --probe --probe-iters 500 \
+    python knn.py --dataset toy --checkpoint runs/toy/ckpt.pt --probe --probe-iters 500 \
         --crop-size 96
-On VOC the supplementary's numbers (Table 3: pAcc, mAcc; Table 4: per-class k-NN IoU) are printed beside ours.
-"""
+On VOC the supplementary's numbers (Table 3: pAcc, mAcc; Table 4: per-class k-NN IoU) are printed
+beside ours. """
 import argparse
 import hashlib
 import json
@@ -40,82 +40,98 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (IGNORE, EvalImages, SegDataset, UserError, atomic_save, confusion_matrix, knn_vote,
-                  majority_labels, per_class_line, resize_for_teacher, resize_labels, segmentation_metrics,
-                  write_json)
+from data import (DATASETS, IGNORE, EvalImages, SegDataset, UserError, atomic_save,
+                  confusion_matrix, knn_vote, majority_labels, per_class_line, resize_for_teacher,
+                  resize_labels, segmentation_metrics, write_json)
 from losses import image_segments
-from model import load_embedder, pick_device
+from model import add_clip_args, load_embedder, pick_device, resolve_clip_args
 
 # The supplementary's k-NN numbers on Pascal VOC 2012 (21 classes): Table 3 (pAcc, mAcc) and Table 4
 # (per-class IoU, background first, VOC order).
 PAPER_VOC = {
-    "maskclip": ((91.9, 77.6), [90.5, 69.7, 43.0, 78.4, 59.4, 55.5, 78.3, 77.7, 83.5, 30.9, 77.4, 48.3, 80.5, 77.1,
+    "maskclip": ((91.9, 77.6), [90.5, 69.7, 43.0, 78.4, 59.4, 55.5, 78.3, 77.7, 83.5, 30.9, 77.4,
+                                48.3, 80.5, 77.1,
                                 73.1, 79.1, 59.9, 77.9, 39.5, 77.6, 56.2]),
-    "maskclip+": ((90.9, 78.6), [89.5, 66.2, 34.1, 75.4, 56.3, 64.4, 84.4, 78.0, 82.9, 25.2, 75.7, 48.5, 77.7, 74.2,
+    "maskclip+": ((90.9, 78.6), [89.5, 66.2, 34.1, 75.4, 56.3, 64.4, 84.4, 78.0, 82.9, 25.2, 75.7,
+                                 48.5, 77.7, 74.2,
                                  72.8, 74.7, 43.6, 70.8, 37.2, 76.0, 58.6]),
-    "clip-s4": ((93.2, 83.0), [92.4, 83.5, 37.6, 85.7, 69.4, 75.3, 89.5, 79.9, 87.9, 28.2, 83.1, 57.5, 83.9, 82.4,
+    "clip-s4": ((93.2, 83.0), [92.4, 83.5, 37.6, 85.7, 69.4, 75.3, 89.5, 79.9, 87.9, 28.2, 83.1,
+                               57.5, 83.9, 82.4,
                                76.7, 80.1, 50.6, 80.5, 42.4, 81.4, 63.2]),
-    "segsort": ((86.9, None), [87.6, 59.8, 26.4, 58.3, 39.9, 46.2, 64.0, 61.7, 69.5, 9.5, 31.3, 30.4, 59.4, 36.2,
+    "segsort": ((86.9, None), [87.6, 59.8, 26.4, 58.3, 39.9, 46.2, 64.0, 61.7, 69.5, 9.5, 31.3,
+                               30.4, 59.4, 36.2,
                                52.5, 63.4, 16.5, 42.4, 26.8, 58.9, 52.1])}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
     p.add_argument("--checkpoint", default=None, help="a train.py checkpoint")
-    p.add_argument("--method", default=None, choices=["maskclip"], help="maskclip: the frozen teacher's dense features")
-    p.add_argument("--clip", default="ViT-B-16")
-    p.add_argument("--clip-pretrained", default="openai")
-    p.add_argument("--clip-config", default=None)
-    p.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--method", default=None, choices=["maskclip"],
+                   help="maskclip: the frozen teacher's dense features")
+    add_clip_args(p)
     # Data
-    p.add_argument("--dataset", default="voc", choices=["voc", "context", "cocostuff", "folder", "toy"])
+    p.add_argument("--dataset", default="voc", choices=DATASETS)
     p.add_argument("--data-root", default=None)
-    p.add_argument("--size", type=int, default=None, help="short side of the images (default as evaluate.py)")
-    p.add_argument("--limit-train", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--size", type=int, default=None,
+                   help="short side of the images (default as evaluate.py)")
+    p.add_argument("--limit-train", type=int, default=0,
+                   help="use only the first N training images (0: all)")
     # Protocol (supplementary A.1)
-    p.add_argument("--segments", type=int, default=36, help="k-means segments per image (a 6 x 6 grid start)")
+    p.add_argument("--segments", type=int, default=36,
+                   help="k-means segments per image (a 6 x 6 grid start)")
     p.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations")
     p.add_argument("--kmeans-lambda", type=float, default=1.0,
                    help="weight of pixel position in that k-means (0: embeddings alone) [choice]")
-    p.add_argument("--kmeans-at", choices=["features", "labels"], default="features",
-                   help="features: k-means on the h x w embedding grid, segments resized (nearest) to the "
-                        "labels; labels: embeddings resized (bilinear) to the label size first, as "
-                        "SPML's and HSG's k-NN scripts do [choice]")
+    p.add_argument(
+        "--kmeans-at",
+        choices=["features", "labels"],
+        default="features",
+        help="features: k-means on the h x w embedding grid, segments resized (nearest) to the "
+        "labels; labels: embeddings resized (bilinear) to the label size first, as "
+        "SPML's and HSG's k-NN scripts do [choice]",
+    )
     p.add_argument("--k", type=int, default=20, help="nearest training segments that vote")
     p.add_argument("--chunk", type=int, default=4096, help="queries per retrieval matmul")
     # Linear probe (supplementary A.1)
-    p.add_argument("--probe", action="store_true", help="train and score a linear probe instead of k-NN")
+    p.add_argument("--probe", action="store_true",
+                   help="train and score a linear probe instead of k-NN")
     p.add_argument("--probe-iters", type=int, default=60000, help="probe iterations (paper: 60k)")
-    p.add_argument("--probe-lr", type=float, default=0.1, help="probe learning rate, poly decay (paper: 0.1)")
+    p.add_argument("--probe-lr", type=float, default=0.1,
+                   help="probe learning rate, poly decay (paper: 0.1)")
     p.add_argument("--crop-size", type=int, default=512, help="probe training crops (paper: 512)")
     p.add_argument("--batch-size", type=int, default=16, help="probe batch (paper: 16)")
     p.add_argument("--save-every", type=int, default=1000, help="probe: save every N iterations")
-    p.add_argument("--stop-after", type=int, default=0, help="probe: save and stop after N iterations of this call")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="probe: save and stop after N iterations of this call")
     p.add_argument("--workers", type=int, default=2, help="probe: DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0)
     # Output
-    p.add_argument("--memory-dir", default="out/knn_memory", help="where training-segment memories and probes are kept")
+    p.add_argument("--memory-dir", default="out/knn_memory",
+                   help="where training-segment memories and probes are kept")
     p.add_argument("--json", default=None)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    return p.parse_args(argv)
+    return resolve_clip_args(p.parse_args(argv))
 
 
 @torch.no_grad()
 def segments_and_labels(embed, item, n_segments, iters, num_classes, lam=1.0, at="features"):
-    """Segments of one image: unit embeddings (S, D), their majority label (S,) (-1: all ignore), and the
-    segment map (H, W) at label size. at="labels": k-means on the embeddings resized to (H, W)."""
+    """Segments of one image: unit embeddings (S, D), their majority label (S,) (-1: all ignore),
+    and the segment map (H, W) at label size. at="labels": k-means on embeddings at (H, W)."""
     feats = embed(item["image"][None])
     if at == "labels":
-        feats = F.normalize(F.interpolate(feats.float(), size=item["label"].shape, mode="bilinear"), dim=1)
+        feats = F.normalize(F.interpolate(feats.float(), size=item["label"].shape,
+                                          mode="bilinear"), dim=1)
     seg, emb = image_segments(feats, n_segments, iters, lam)
     labels, ids = majority_labels(seg.ids[0].cpu(), item["label"].long(), num_classes, seg.count)
     return emb, labels, ids
 
 
 class ProbeCrops(torch.utils.data.Dataset):
-    """Training crops for the probe: the image at short side `side`, a random crop x crop (padded with
-    ignore where the image is smaller) and a random flip, drawn from a per-sample seed so that any
+    """Training crops for the probe: the image at short side `side`, a random crop x crop (padded
+    with ignore where the image is smaller) and a random flip, drawn from a per-sample seed so that
+    any
     step can be replayed (exact resume, any number of workers). Item (i, seed) -> image, label."""
 
     def __init__(self, base, side, crop, stride):
@@ -145,44 +161,72 @@ def probe_batches(n_items, batch, seed, start):
     step = start
     while True:
         g = np.random.default_rng([seed, step])
-        yield list(zip(g.integers(n_items, size=batch).tolist(), g.integers(2 ** 31, size=batch).tolist()))
+        yield list(
+            zip(g.integers(n_items, size=batch).tolist(), g.integers(2**31, size=batch).tolist())
+        )
         step += 1
 
 
+def read_or_none(path, what):
+    """A memory or probe file, or None when it is absent. One that cannot be read (a truncated
+    write, a full disk) is reported in one line and recomputed: it is only a cache."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        print(f"{what}: {path} is unreadable ({type(e).__name__}); computing it again")
+        return None
+
+
 def linear_probe(args, embed, stride, label, ident, device, train, val, K):
-    """Train (or continue, or reuse) the 1x1 classifier on frozen embeddings; return the val confusion."""
-    key = hashlib.sha1(json.dumps(ident + [args.dataset, str(args.data_root), args.size, args.crop_size,
-                                           args.batch_size, args.probe_iters, args.probe_lr, args.seed])
+    """Train (continue, or reuse) the 1x1 classifier on frozen embeddings; the val confusion."""
+    key = hashlib.sha1(json.dumps(ident + [args.dataset, str(args.data_root), args.size,
+                                           args.crop_size,
+                                           args.batch_size, args.probe_iters, args.probe_lr,
+                                           args.seed])
                        .encode()).hexdigest()[:16]
     path = Path(args.memory_dir) / f"probe_{label}_{args.dataset}_{key}.pt"
     D = embed(torch.zeros(1, 3, 4 * stride, 4 * stride, device=device)).shape[1]
     torch.manual_seed(args.seed)
     clf = torch.nn.Conv2d(D, K, 1).to(device)
     opt = torch.optim.SGD(clf.parameters(), lr=args.probe_lr, momentum=0.9)  # momentum: our choice
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - min(s, args.probe_iters - 1) / args.probe_iters) ** 0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (1 - min(s, args.probe_iters - 1) / args.probe_iters) ** 0.9
+    )
     step = 0
-    if path.is_file():
-        ck = torch.load(path, map_location=device, weights_only=True)
-        clf.load_state_dict(ck["classifier"]), opt.load_state_dict(ck["optimizer"]), sched.load_state_dict(ck["scheduler"])
+    ck = read_or_none(path, "probe")
+    if ck is not None:
+        (
+            clf.load_state_dict(ck["classifier"]),
+            opt.load_state_dict(ck["optimizer"]),
+            sched.load_state_dict(ck["scheduler"]),
+        )
         step = ck["step"]
         print(f"probe: continuing {path} at step {step}/{args.probe_iters}")
     crops = ProbeCrops(train, args.size, args.crop_size, stride)
-    loader = torch.utils.data.DataLoader(crops, batch_sampler=probe_batches(len(train), args.batch_size, args.seed, step),
-                                         num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(
+        crops,
+        batch_sampler=probe_batches(len(train), args.batch_size, args.seed, step),
+        num_workers=args.workers,
+    )
 
     def save():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"classifier": clf.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "step": step}, path)
     if step < args.probe_iters:
-        bar, it, t0 = tqdm(total=args.probe_iters, initial=step, desc="linear probe"), iter(loader), time.perf_counter()
-        stop = min(args.probe_iters, step + args.stop_after) if args.stop_after else args.probe_iters
+        bar, it, t0 = tqdm(total=args.probe_iters, initial=step,
+                           desc="linear probe"), iter(loader), time.perf_counter()
+        stop = min(args.probe_iters,
+                   step + args.stop_after) if args.stop_after else args.probe_iters
         try:
             while step < stop:
                 x, y = next(it)
                 with torch.no_grad():
                     feats = embed(x.to(device)).float()  # (B, D, h, w), frozen
-                logits = F.interpolate(clf(feats), size=y.shape[1:], mode="bilinear", align_corners=False)
+                logits = F.interpolate(clf(feats), size=y.shape[1:], mode="bilinear",
+                                       align_corners=False)
                 loss = F.cross_entropy(logits, y.to(device), ignore_index=IGNORE)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -195,9 +239,11 @@ def linear_probe(args, embed, stride, label, ident, device, train, val, K):
                     save()
         except KeyboardInterrupt:
             save()
-            sys.exit(f"interrupted: probe saved at step {step} in {path}; run the same command to continue")
+            sys.exit(f"interrupted: probe saved at step {step} in {path}; run the same command to "
+                     f"continue")
         bar.close()
-        print(f"probe: at step {step}/{args.probe_iters} after {time.perf_counter() - t0:.0f} s, saved to {path}")
+        print(f"probe: at step {step}/{args.probe_iters} after {time.perf_counter() - t0:.0f} s, "
+              f"saved to {path}")
         if step < args.probe_iters:
             sys.exit(0)  # --stop-after: the same command continues it
     cm = np.zeros((K, K), np.int64)
@@ -206,7 +252,8 @@ def linear_probe(args, embed, stride, label, ident, device, train, val, K):
         for i in tqdm(range(len(data)), desc="probe on val"):
             item = data[i]
             logits = clf(embed(item["image"][None].to(device)).float())
-            pred = F.interpolate(logits, size=item["label"].shape, mode="bilinear", align_corners=False)[0].argmax(0)
+            pred = F.interpolate(logits, size=item["label"].shape, mode="bilinear",
+                                 align_corners=False)[0].argmax(0)
             cm += confusion_matrix(pred.cpu().numpy(), item["label"].numpy(), K)
     return cm
 
@@ -217,10 +264,14 @@ def main(args):
         raise UserError("give either --checkpoint PATH or --method maskclip")
     # ---- model ----
     embed_keys, stride, _, run = load_embedder(args, device)
+    args.size = args.size or (run["args"]["eval_size"] if run else None)  # a run's own test side
     embed = lambda x: embed_keys(x)[0]  # noqa: E731  features only: (B, D, h, w)
     label = run["method"] if run else "maskclip"
-    ident = [str(Path(args.checkpoint).resolve()), run["step"]] if run else [args.clip, args.clip_pretrained,
-                                                                             args.clip_config]
+    ident = (
+        [str(Path(args.checkpoint).resolve()), run["step"]]
+        if run
+        else [args.clip, args.clip_pretrained, args.clip_config]
+    )
     # ---- data: 21 classes with background on VOC ----
     train = SegDataset(args.dataset, args.data_root, "train", background=True)
     val = SegDataset(args.dataset, args.data_root, "val", background=True)
@@ -231,17 +282,21 @@ def main(args):
         cm = linear_probe(args, embed, stride, label, ident, device, train, val, K)
         return report(args, cm, names, label, "linear probe")
     # ---- memory of training segments (cached on disk) ----
-    protocol = [args.dataset, str(args.data_root), args.size, args.segments, args.kmeans_iters, n_train]
-    if args.kmeans_lambda != 1.0:  # memories from before --kmeans-lambda keep their name
+    protocol = [args.dataset, str(args.data_root), args.size, args.segments, args.kmeans_iters,
+                n_train]
+    if args.kmeans_lambda != 1.0:  # a non-default protocol choice joins the key
         protocol.append(args.kmeans_lambda)
     if args.kmeans_at != "features":
         protocol.append(args.kmeans_at)
     key = hashlib.sha1(json.dumps(ident + protocol).encode()).hexdigest()[:16]
     mem_file = Path(args.memory_dir) / f"{label}_{args.dataset}_{key}.pt"
-    cut = lambda item: segments_and_labels(embed, item, args.segments, args.kmeans_iters, K,  # noqa: E731
-                                           args.kmeans_lambda, args.kmeans_at)  # the same protocol for both sets
-    if mem_file.is_file():
-        memory, mem_labels = torch.load(mem_file, weights_only=True)
+    # noqa: E731
+    cut = lambda item: segments_and_labels(embed, item, args.segments, args.kmeans_iters, K,
+                                           # the same protocol for both sets
+                                           args.kmeans_lambda, args.kmeans_at)
+    cached = read_or_none(mem_file, "memory")
+    if cached is not None:
+        memory, mem_labels = cached
         print(f"memory: {len(memory)} segments from {mem_file}")
     else:
         rows, labs = [], []
@@ -252,12 +307,13 @@ def main(args):
             labs.append(lab[lab >= 0])
         memory, mem_labels = torch.cat(rows), torch.cat(labs)
         mem_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save((memory, mem_labels), mem_file)
+        atomic_save((memory, mem_labels), mem_file)
         print(f"memory: {len(memory)} segments written to {mem_file}")
     memory, mem_labels = memory.to(device).float(), mem_labels.to(device)
     # ---- vote for each validation segment, paint, score ----
     # The segment ceiling: each validation segment painted with its own majority label, the best any
-    # vote can do with these segments. k-NN below it = retrieval's loss; ceiling below 100 = the segments'.
+    # vote can do with these segments. k-NN below it = retrieval's loss; ceiling below 100 =
+    # the segments'.
     cm, ceiling = np.zeros((K, K), np.int64), np.zeros((K, K), np.int64)
     data = EvalImages(val, args.size, stride)
     for i in tqdm(range(len(data)), desc="validation segments"):
@@ -265,20 +321,32 @@ def main(args):
         emb, own, ids = cut(item)
         pred = knn_vote(emb.float(), memory, mem_labels, args.k, K, args.chunk).cpu()[ids]  # (H, W)
         cm += confusion_matrix(pred.numpy(), item["label"].numpy(), K)
-        ceiling += confusion_matrix(own.clamp(min=0)[ids].numpy(), item["label"].numpy(), K)  # -1: no labelled pixel
+        # -1: no labelled pixel
+        ceiling += confusion_matrix(own.clamp(min=0)[ids].numpy(), item["label"].numpy(), K)
     return report(args, cm, names, label, "k-NN", ceiling)
 
 
 def report(args, cm, names, label, protocol, ceiling=None):
-    """Print ours (and on VOC the supplementary's k-NN numbers beside them), write --json. ceiling: the
-    confusion of the segment ceiling (k-NN only), reported as its mIoU, pAcc and mAcc."""
+    """Print ours (and on VOC the supplementary's k-NN numbers beside them), write --json. ceiling:
+    the confusion of the segment ceiling (k-NN only), reported as its mIoU, pAcc and mAcc."""
     result = segmentation_metrics(cm, names)
     if ceiling is not None:
-        result["segment_ceiling"] = {k: v for k, v in segmentation_metrics(ceiling, names).items() if k != "per_class"}
-    paper = PAPER_VOC.get(label) if args.dataset == "voc" and protocol == "k-NN" and len(names) == 21 else None
-    print("\n| method | protocol | mIoU | pAcc | mAcc |" + (" paper pAcc | paper mAcc |" if paper else "")
-          + "\n|---|---|---|---|---|" + ("---|---|" if paper else ""))
-    print(f"| {label} | {protocol} | {result['mIoU']:.1f} | {result['pAcc']:.1f} | {result['mAcc']:.1f} |"
+        result["segment_ceiling"] = {
+            k: v for k, v in segmentation_metrics(ceiling, names).items() if k != "per_class"
+        }
+    paper = (
+        PAPER_VOC.get(label)
+        if args.dataset == "voc" and protocol == "k-NN" and len(names) == 21
+        else None
+    )
+    print(
+        "\n| method | protocol | mIoU | pAcc | mAcc |"
+        + (" paper pAcc | paper mAcc |" if paper else "")
+        + "\n|---|---|---|---|---|"
+        + ("---|---|" if paper else "")
+    )
+    print(f"| {label} | {protocol} | {result['mIoU']:.1f} | {result['pAcc']:.1f} | "
+          f"{result['mAcc']:.1f} |"
           + (f" {paper[0][0]} | {paper[0][1] or '-'} |" if paper else ""))
     if ceiling is not None:
         c = result["segment_ceiling"]
@@ -291,7 +359,14 @@ def report(args, cm, names, label, protocol, ceiling=None):
     else:
         print(per_class_line(result["per_class"]))
     if args.json:
-        write_json(args.json, {"method": label, "protocol": "probe" if protocol == "linear probe" else "knn", **result})
+        write_json(
+            args.json,
+            {
+                "method": label,
+                "protocol": "probe" if protocol == "linear probe" else "knn",
+                **result,
+            },
+        )
     return result
 
 

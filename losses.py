@@ -1,4 +1,4 @@
-"""Segments and the losses of CLIP-S4 (method.md sections 6-8), plus MaskCLIP+'s pseudo-label loss.
+"""Segments, the losses of CLIP-S4 and the objective of each method (docs/method.md).
 
 Notation used in shape comments:
     B images, V = 2 views, BV = B*V view maps, D joint dimension, h x w feature grid, N = h*w,
@@ -21,8 +21,8 @@ source image of each segment; region (S,) its superpixel id."""
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def kmeans_segments(z, regions, views=2, grid=(4, 4), iters=10, lam=1.0):
-    """Cluster each view map by spherical k-means on normalise([z_p ; lam * (y, x)]), starting from a
-    regular grid of gh x gw cells; a segment is a (cluster, region) pair. No gradient.
+    """Cluster each view map by spherical k-means on normalise([z_p ; lam * (y, x)]), starting from
+    a regular grid of gh x gw cells; a segment is a (cluster, region) pair. No gradient.
     Args:
         z: (BV, D, h, w) unit pixel embeddings, views of one image consecutive (index b*V + v).
         regions: (BV, h, w) long superpixel ids of the source, -1 outside the image.
@@ -50,13 +50,14 @@ def kmeans_segments(z, regions, views=2, grid=(4, 4), iters=10, lam=1.0):
     uniq, inv = torch.unique(key[valid], return_inverse=True)
     ids = torch.full_like(reg, -1)
     ids[valid] = inv
-    return Segments(ids.view(BV, h, w), len(uniq), uniq // n_reg // (gh * gw) // views, uniq % n_reg)
+    return Segments(ids.view(BV, h, w), len(uniq), uniq // n_reg // (gh * gw) // views,
+                    uniq % n_reg)
 
 
 def regions_on_grid(regions, size, grid="centre"):
-    """Superpixel ids of the views (B, H, W) read on the (h, w) feature grid. grid "centre": cell i takes
-    the id at the centre of its pixels [s*i, s*(i+1)) (s = H/h), where f's and the teacher's cell i
-    look (model.PixelEmbedder); "corner": the id at pixel s*i, as train.py did before 2026-11-28."""
+    """Superpixel ids of the views (B, H, W) read on the (h, w) feature grid. grid "centre": cell i
+    takes the id at the centre of its pixels [s*i, s*(i+1)) (s = H/h), where f's and the teacher's
+    cell i look (model.PixelEmbedder); "corner": the id at pixel s*i (f built with shift 0)."""
     mode = "nearest-exact" if grid == "centre" else "nearest"
     return F.interpolate(regions[:, None].float(), size=size, mode=mode)[:, 0].long()
 
@@ -95,9 +96,9 @@ def pixel_sample(seg, max_pixels, generator=None):
 # L_c: pixel-segment contrastive (paper; SegSort)
 # ----------------------------------------------------------------------------------------------
 def pixel_segment_contrastive(z, seg, regions, pix, kappa=10.0, views=2):
-    """L_c = mean_p -log( sum_{s in S+(p)} exp(kappa cos(z_p, z_s)) / sum_{s} exp(kappa cos(z_p, z_s)) ).
-    S+(p): the segments of either view of p's image that lie in p's superpixel; the denominator runs
-    over every segment of the batch (the others are the negatives).
+    """L_c = mean_p -log( sum_{s in S+(p)} exp(kappa cos(z_p, z_s)) / sum_{s} exp(kappa cos(z_p,
+    z_s)) ). S+(p): the segments of either view of p's image that lie in p's superpixel; the
+    denominator runs over every segment of the batch (the others are the negatives).
     z (BV, D, h, w) unit, seg Segments, regions (BV, h, w), pix (P,) flat pixel indices."""
     BV, D, h, w = z.shape
     zp = z.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
@@ -129,19 +130,21 @@ def embedding_consistency(zs, cs, kappa=10.0, form="nce"):
 # L_s: semantic consistency over known text prototypes and learned unknown prototypes
 # ----------------------------------------------------------------------------------------------
 def semantic_consistency(z, seg, pix, targets, prototypes, kappa):
-    """L_s = mean_p CE( kappa cos(z_p, P_j) over j, y_{s(p)} ): our per-pixel prediction over the target
-    prototypes P = [T; U'] agrees with CLIP's label y_s of the pixel's segment. Segments with target
+    """L_s = mean_p CE( kappa cos(z_p, P_j) over j, y_{s(p)} ): our per-pixel prediction over the
+    target prototypes P = [T; U'] agrees with CLIP's label y_s of the pixel's segment. Segments with
+    target
     -1 are left out. z (BV, D, h, w) unit, pix (P,), targets (S,) long, prototypes (K+M, D) unit."""
     D = z.shape[1]
     zp = z.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
     y = targets[seg.ids.reshape(-1)[pix]]  # (P,)
     logits = kappa * zp @ prototypes.T.to(zp.dtype)  # (P, K+M)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, ignore_index=-1)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y,
+                           ignore_index=-1)
 
 
 class UnknownPrototypes(nn.Module):
     """M prototypes for what the known names do not cover, learned by online clustering of CLIP's
-    segment embeddings (method.md section 8; the paper says only "learned by clustering").
+    segment embeddings (docs/method.md section 8; the paper says only "learned by clustering").
     CLIP's image embeddings sit far from its text embeddings (the modality gap), so prototypes are
     clustered in image space and shifted across the gap before they compete with text prototypes:
     u'_m = normalise(u_m - mean_img + mean_txt)."""
@@ -150,13 +153,15 @@ class UnknownPrototypes(nn.Module):
         super().__init__()
         self.momentum, self.tau, self.scale, self.dead_after = momentum, tau, scale, dead_after
         self.register_buffer("protos", torch.zeros(num, dim))  # (M, D) image-space unit vectors
-        self.register_buffer("idle", torch.zeros(num, dtype=torch.long))  # steps since last assignment
+        # steps since last assignment
+        self.register_buffer("idle", torch.zeros(num, dtype=torch.long))
         self.register_buffer("img_mean", torch.zeros(dim))
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def targets(self, cs, text):
-        """CLIP's label of each segment: a known class when CLIP's softmax over the known names (scale
+        """CLIP's label of each segment: a known class when CLIP's softmax over the known names
+        (scale
         100) reaches tau, else K + its nearest unknown prototype. cs (S, D), text (K, D) ->
         targets (S,) long in [0, K+M) (-1 for unknown segments before the prototypes exist),
         unknown (S,) bool."""
@@ -171,9 +176,11 @@ class UnknownPrototypes(nn.Module):
     @torch.no_grad()
     def update(self, cs, unknown, generator=None):
         """One mini-batch spherical k-means step with EMA on the unknown segments' c_s; prototypes
-        idle for `dead_after` steps are re-seeded from random unknown segments; mean_img follows all c_s."""
+        idle for `dead_after` steps re-seeded from unknown segments; mean_img tracks all c_s."""
         m = self.momentum
-        self.img_mean.mul_(m if self.started else 0).add_(cs.mean(0), alpha=1 - m if self.started else 1)
+        self.img_mean.mul_(m if self.started else 0).add_(
+            cs.mean(0), alpha=1 - m if self.started else 1
+        )
         cu = cs[unknown]
         M = len(self.protos)
         if M == 0 or len(cu) == 0:
@@ -190,7 +197,8 @@ class UnknownPrototypes(nn.Module):
         self.idle.add_(1).masked_fill_(hit, 0)
         dead = (self.idle >= self.dead_after).nonzero().squeeze(1)
         if len(dead):
-            pick = torch.randint(len(cu), (len(dead),), generator=generator, device="cpu").to(cu.device)
+            pick = torch.randint(len(cu), (len(dead),), generator=generator,
+                                 device="cpu").to(cu.device)
             self.protos[dead] = cu[pick]
             self.idle[dead] = 0
 
@@ -203,6 +211,63 @@ class UnknownPrototypes(nn.Module):
 # MaskCLIP+ baseline: cross-entropy on pseudo-labels with the text embeddings as a fixed classifier
 # ----------------------------------------------------------------------------------------------
 def pseudo_label_loss(z, labels, text, kappa):
-    """MaskCLIP+: CE( kappa cos(z_p, T_j), label_p ) over pixels; labels (BV, h, w) long, -1 ignored."""
+    """MaskCLIP+: CE( kappa cos(z_p, T_j), label_p ) per pixel; labels (BV, h, w), -1 ignored."""
     logits = kappa * torch.einsum("bdhw,kd->bkhw", z, text.to(z.dtype))  # (BV, K, h, w)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, ignore_index=-1)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
+                           ignore_index=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The objectives: one function per method, each returning the weighted total and its terms
+# ----------------------------------------------------------------------------------------------
+def weighted_total(terms, weights):
+    """sum_k weights[k] * terms[k]: the scalar that is back-propagated."""
+    return sum(weights[k] * v for k, v in terms.items())
+
+
+def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, kappa=10.0,
+                      kappa_e=10.0, kappa_s=100.0, emb_form="nce", views=2):
+    """CLIP-S4's objective (paper; docs/method.md section 7):
+        L = lambda_c L_c + lambda_e L_e + lambda_s L_s
+    L_c pixel-segment contrastive (pixel_segment_contrastive), L_e embedding consistency between our
+    segment embeddings z_s and CLIP's c_s (embedding_consistency), L_s semantic consistency over the
+    known text prototypes and the shifted unknown prototypes (semantic_consistency). A weight of 0
+    skips its term. The unknown prototypes are not moved here: train.py updates them after the step
+    from the segments of every process (UnknownPrototypes.update).
+    Args:
+        z (BV, D, h, w) unit, f's embeddings of the views (with gradient); seg Segments of z;
+        regions (BV, h, w) superpixel ids, -1 = pad; pix (P,) flat indices of the scored pixels;
+        clip_map (BV, D, h, w) unit, the teacher's map warped onto the views (no gradient);
+        text (K, D) unit, the known names; unknown UnknownPrototypes; lambdas {"c", "e", "s"}.
+    Returns:
+        (total scalar, terms {"c", "e", "s"} unweighted, cs (S, D) CLIP's segment embeddings,
+        is_unknown (S,) bool: the segments CLIP is not confident about)."""
+    terms = {}
+    if lambdas["c"]:
+        terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, kappa, views)
+    cs = segment_means(clip_map, seg)  # (S, D)
+    targets, is_unknown = unknown.targets(cs, text)
+    if lambdas["e"]:
+        terms["e"] = embedding_consistency(segment_means(z, seg), cs, kappa_e, emb_form)
+    if lambdas["s"]:
+        # (K+M, D)
+        prototypes = torch.cat([text, unknown.shifted(text)]) if unknown.started else text
+        terms["s"] = semantic_consistency(z, seg, pix, targets, prototypes, kappa_s)
+    return weighted_total(terms, lambdas), terms, cs, is_unknown
+
+
+def segsort_objective(z, seg, regions, pix, lambda_c=1.0, kappa=10.0, views=2):
+    """SegSort-only, the ablation: L = lambda_c L_c, no teacher. Returns (total, terms)."""
+    terms = {"c": pixel_segment_contrastive(z, seg, regions, pix, kappa, views)}
+    return weighted_total(terms, {"c": lambda_c}), terms
+
+
+def maskclip_plus_objective(z, clip_map, regions, text, kappa, self_training=False):
+    """MaskCLIP+: L = CE over pixels of kappa cos(z_p, T_j) against the argmax label of the
+    teacher's map (or, once self-training starts, of f's own detached map) over the known names T.
+    z, clip_map (BV, D, h, w) unit; regions (BV, h, w), -1 = pad. Returns (total, terms)."""
+    source = z.detach() if self_training else clip_map
+    labels = torch.einsum("bdhw,kd->bkhw", source, text).argmax(dim=1)  # (BV, h, w)
+    labels[regions < 0] = -1
+    terms = {"p": pseudo_label_loss(z, labels, text, kappa)}
+    return weighted_total(terms, {"p": 1.0}), terms

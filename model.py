@@ -1,6 +1,6 @@
 """The frozen CLIP teacher of CLIP-S4: loading, MaskCLIP dense features, text prototypes.
 
-Notation used in shape comments (defined once, as in method.md):
+Notation used in shape comments (defined once, as in docs/method.md):
     B images, D CLIP joint dimension (1024 RN50, 512 ViT-B/16), C trunk channels, Dk key channels,
     H x W pixels, h x w feature grid, N = 1 + h*w ViT tokens (class token first), K classes,
     S prompt rows (one per class synonym), L tokens of a prompt.
@@ -8,9 +8,11 @@ Notation used in shape comments (defined once, as in method.md):
 Public API:
     load_clip(name, pretrained, config)     -> a frozen open_clip model and what was loaded
     MaskCLIP(clip, info)                    -> the teacher: .dense(), .text_prototypes()
-    class_scores(), prompt_denoising(), key_smoothing()  -> per-class scores and MaskCLIP's refinements
+    class_scores(), prompt_denoising(), key_smoothing()  -> per-class scores and MaskCLIP's
+    refinements
     PixelEmbedder(dim, backbone)            -> the pixel-embedding network f
-    load_run(path), load_embedder(args)     -> a trained run, or whatever a script scores pixels with
+    load_run(path), load_embedder(args)     -> a trained run, or whatever a script scores pixels
+    with
 """
 import hashlib
 import json
@@ -47,7 +49,8 @@ def register_clip_config(path):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--clip-config {path}: not valid JSON ({e})")
     if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
-        raise UserError(f"--clip-config {path}: an open_clip config needs embed_dim, vision_cfg and text_cfg")
+        raise UserError(f"--clip-config {path}: an open_clip config needs embed_dim, vision_cfg "
+                        f"and text_cfg")
     open_clip.add_model_config(path)
     return path.stem
 
@@ -80,11 +83,12 @@ def read_state_dict(path):
         raise UserError(f"--clip-pretrained {path}: not a CLIP state dict")
     for k in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
         sd.pop(k, None)
-    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k,
+            v in sd.items()}
 
 
 def hub_reachable(timeout=3.0):
-    """True when the Hugging Face hub answers a TCP connect; False at once when HF_HUB_OFFLINE is set."""
+    """True when the Hugging Face hub answers a TCP connect; False at once under HF_HUB_OFFLINE."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     try:
@@ -108,11 +112,14 @@ def resolve_pretrained_tag(name, tag, cache_dir=None):
     if cfg.get("hf_hub"):
         repo, fname = os.path.split(cfg["hf_hub"].rstrip("/")) if not cfg["hf_hub"].endswith("/") \
             else (cfg["hf_hub"].rstrip("/"), "")
-        for f in ([fname] if fname else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+        for f in ([fname] if fname else ["open_clip_model.safetensors",
+                                         "open_clip_pytorch_model.bin"]):
             hit = try_to_load_from_cache(repo, f, cache_dir=cache_dir)
             if isinstance(hit, str):
                 return hit, cfg
-        looked.append(str(Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))))
+        looked.append(
+            str(Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--")))
+        )
     if cfg.get("url"):
         f = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
         if f.is_file():
@@ -127,6 +134,9 @@ def resolve_pretrained_tag(name, tag, cache_dir=None):
     return open_clip.pretrained.download_pretrained(cfg, cache_dir=cache_dir), cfg
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")  # a name that means a file, not a tag
+
+
 def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="auto", device="cpu",
               cache_dir=None):
     """Build an open_clip CLIP, load its weights and freeze it (eval mode, no grad).
@@ -135,23 +145,29 @@ def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="aut
         name: open_clip architecture name; replaced by the config's stem when `config` is given.
         pretrained: an open_clip tag ('openai', ...), a local weights file, or 'none' (random init).
         config: optional path to an open_clip JSON config to register (--clip-config).
-        quick_gelu: 'auto' | 'on' | 'off'. OpenAI's weights were trained with QuickGELU but open_clip's
-            plain 'ViT-B-16'/'RN50' configs use nn.GELU (open_clip only warns). 'auto' takes the tag's
-            own quick_gelu flag, QuickGELU for OpenAI's TorchScript files, the config's choice otherwise.
+        quick_gelu: 'auto' | 'on' | 'off'. OpenAI's weights were trained with QuickGELU but
+        open_clip's
+            plain 'ViT-B-16'/'RN50' configs use nn.GELU (open_clip only warns). 'auto' takes the
+            tag's own quick_gelu flag, QuickGELU for OpenAI's TorchScript files, the config's choice
+            otherwise.
     Returns:
-        (model, info): model on `device` in fp32; info = dict(name, pretrained, weights, quick_gelu).
+        (model, info): model on `device` in fp32; info = dict(name, pretrained, weights,
+        quick_gelu).
     """
     if config:
         name = register_clip_config(config)
     if open_clip.get_model_config(name) is None:
-        raise UserError(f"unknown CLIP model '{name}' (open_clip knows e.g. ViT-B-16, RN50, ViT-L-14; "
-                        f"`python -c 'import open_clip; print(open_clip.list_models())'` lists all; "
-                        f"a custom architecture needs --clip-config FILE.json)")
+        raise UserError(
+            f"unknown CLIP model '{name}' (open_clip knows e.g. ViT-B-16, RN50, "
+            f"ViT-L-14; "
+            f"`python -c 'import open_clip; print(open_clip.list_models())'` lists all; "
+            f"a custom architecture needs --clip-config FILE.json)"
+        )
     weights, qg = None, open_clip.get_model_config(name).get("quick_gelu", False)
     if pretrained and pretrained.lower() not in ("none", "random"):
         if os.path.isfile(pretrained):
             weights, qg = pretrained, qg or is_torchscript(pretrained)
-        elif os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        elif os.sep in pretrained or Path(pretrained).suffix in WEIGHT_SUFFIXES:
             raise UserError(f"--clip-pretrained {pretrained}: no such file")
         else:
             weights, cfg = resolve_pretrained_tag(name, pretrained, cache_dir)
@@ -165,12 +181,13 @@ def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="aut
         logging.disable(logging.NOTSET)
     if weights is not None:
         sd = read_state_dict(weights)
-        transient = {n for n, _ in model.named_buffers()} - set(model.state_dict())  # e.g. attn_mask
+        # e.g. attn_mask
+        transient = {n for n, _ in model.named_buffers()} - set(model.state_dict())
         sd = {k: v for k, v in sd.items() if k not in transient}
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            first = [l.strip() for l in str(e).splitlines() if l.strip()][1:2]
+            first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2]
             raise UserError(f"--clip-pretrained {weights} does not fit CLIP '{name}' "
                             f"({first[0][:200] if first else 'mismatched keys'}); is --clip right?")
     model.eval().requires_grad_(False)
@@ -178,19 +195,56 @@ def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="aut
     return model.to(device), info
 
 
+def add_clip_args(p):
+    """The CLIP flags every script shares (shared/cli.md), defined once. Unset, they mean ViT-B-16
+    with OpenAI's weights, or on --dataset toy the toy CLIP toy.py wrote (resolve_clip_args)."""
+    g = p.add_argument_group("CLIP teacher (a --checkpoint brings its own)")
+    g.add_argument(
+        "--clip",
+        default=None,
+        help="open_clip model name: ViT-B-16 (default) or RN50 as in the paper, or any other",
+    )
+    g.add_argument(
+        "--clip-pretrained",
+        default=None,
+        help="open_clip tag (default openai) or a local weights file (state dict in fp32 "
+        "or fp16, safetensors, OpenAI's TorchScript .pt); none = random init",
+    )
+    g.add_argument("--clip-config", default=None,
+                   help="open_clip JSON config registered under its file's stem (a custom CLIP)")
+    g.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto",
+                   help="activation of the CLIP: auto follows the weights (QuickGELU for OpenAI's)")
+
+
+def resolve_clip_args(args):
+    """Fill the CLIP flags left unset: the toy CLIP in the toy world's folder for --dataset toy,
+    ViT-B-16 with OpenAI's weights otherwise. Returns args."""
+    unset = args.clip is None and args.clip_pretrained is None and args.clip_config is None
+    if unset and getattr(args, "dataset", None) == "toy":
+        root = Path(getattr(args, "data_root", None) or "data/toy")
+        args.clip_config, args.clip_pretrained = (
+            str(root / "toyclip.json"),
+            str(root / "toyclip.pt"),
+        )
+    args.clip = args.clip or (Path(args.clip_config).stem if args.clip_config else "ViT-B-16")
+    args.clip_pretrained = args.clip_pretrained or "openai"
+    return args
+
+
 # ----------------------------------------------------------------------------------------------
-# MaskCLIP dense features (method.md section 2)
+# MaskCLIP dense features (docs/method.md section 2)
 # ----------------------------------------------------------------------------------------------
 def resnet_dense(visual, x, with_keys=False):
-    """MaskCLIP on ModifiedResNet: the attention pool's value and output projections applied at every
-    position as 1x1 convolutions; no attention, no positional embedding.
-    x: (B, 3, H, W) normalised -> (B, D, h, w) raw features (h = H/32), keys (B, C, h, w) or None."""
+    """MaskCLIP on ModifiedResNet: the attention pool's value and output projections applied at
+    every position as 1x1 convolutions; no attention, no positional embedding.
+    x: (B, 3, H, W) normalised -> (B, D, h, w) raw features (h = H/32), keys (B, C, h, w) | None."""
     pool = visual.attnpool
     x = visual.stem(x.to(visual.conv1.weight.dtype))
     x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, C, h, w)
     v = F.conv2d(x, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)  # (B, C, h, w)
     feats = F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)  # (B, D, h, w)
-    keys = F.conv2d(x, pool.k_proj.weight[:, :, None, None], pool.k_proj.bias) if with_keys else None
+    keys = F.conv2d(x, pool.k_proj.weight[:, :, None, None],
+                    pool.k_proj.bias) if with_keys else None
     return feats, keys
 
 
@@ -203,19 +257,21 @@ def vit_pos_embed(visual, h, w):
     if (h, w) == (gh, gw):
         return pos
     grid = pos[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, width, gh, gw)
-    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False,
+                         antialias=True)
     grid = grid.permute(0, 2, 3, 1).reshape(h * w, -1)  # (h*w, width)
     return torch.cat([pos[:1], grid.to(pos.dtype)])
 
 
 def vit_dense(visual, x, with_keys=False):
     """MaskCLIP on VisionTransformer: every block but the last as usual; in the last block the
-    query-key attention is skipped (x -> ln_1 -> value proj -> out_proj, plus the residual), then its
-    MLP with residual, ln_post and the projection; the class token is dropped.
-    x: (B, 3, H, W) normalised -> (B, D, h, w) raw features (h = H/patch), keys (B, width, h, w) or None."""
+    query-key attention is skipped (x -> ln_1 -> value proj -> out_proj, plus the residual), then
+    its MLP with residual, ln_post and the projection; the class token is dropped.
+    x: (B, 3, H, W) normalised -> (B, D, h, w) features (h = H/patch), keys (B, C, h, w) or None."""
     *blocks, last = visual.transformer.resblocks
     if not isinstance(last, ResidualAttentionBlock) or visual.attn_pool is not None:
-        raise UserError("MaskCLIP dense features need a plain open_clip ViT (no attentional pooler)")
+        raise UserError("MaskCLIP dense features need a plain open_clip ViT (no attentional "
+                        "pooler)")
     t = visual.conv1(x.to(visual.conv1.weight.dtype))  # (B, width, h, w)
     B, _, h, w = t.shape
     t = t.flatten(2).transpose(1, 2)  # (B, width, h*w) -> (B, h*w, width)
@@ -243,12 +299,12 @@ def vit_dense(visual, x, with_keys=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Text prototypes (method.md section 3)
+# Text prototypes (docs/method.md section 3)
 # ----------------------------------------------------------------------------------------------
 def read_templates(path=PROMPTS):
-    """The prompt templates, one per line, each with one '{}' for the class name (85 in prompts.txt)."""
-    lines = [l.strip() for l in Path(path).read_text().splitlines() if l.strip()]
-    bad = [l for l in lines if l.count("{}") != 1]
+    """The prompt templates, one per line, each with one '{}' for the name (85 in prompts.txt)."""
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    bad = [ln for ln in lines if ln.count("{}") != 1]
     if bad:
         raise UserError(f"{path}: every template needs exactly one '{{}}', not: {bad[0]!r}")
     return lines
@@ -273,16 +329,18 @@ def parse_class_names(names):
 
 @torch.no_grad()
 def encode_text_fast(clip, tokens, batch_size=128):
-    """clip.encode_text, unnormalised, without the padding work. A causal text transformer never lets
-    a token see the ones after it, and CLIP reads the sentence at its end-of-text token, so cutting
-    each prompt at its own length gives the same output. Prompts are grouped by length so no batch
-    carries padding: about 5x less work than padding every prompt to the 77-token context.
+    """clip.encode_text, unnormalised, without the padding work. A causal text transformer never
+    lets a token see the ones after it, and CLIP reads the sentence at its end-of-text token, so
+    cutting each prompt at its own length gives the same output. Prompts are grouped by length so no
+    batch carries padding: about 5x less work than padding every prompt to the 77-token context.
     tokens: (S, 77) long -> (S, D)."""
     tower = clip.text if hasattr(clip, "text") else clip
-    if getattr(tower, "attn_mask", None) is None or getattr(tower, "text_pool_type", "") != "argmax":
+    pool = getattr(tower, "text_pool_type", "")
+    if getattr(tower, "attn_mask", None) is None or pool != "argmax":
         return clip.encode_text(tokens)  # not causal or not EOT-pooled: no shortcut is exact
     lengths = tokens.argmax(dim=-1) + 1  # the EOT token has the largest id
-    out = torch.empty(len(tokens), clip.text_projection.shape[-1] if torch.is_tensor(clip.text_projection)
+    out = torch.empty(len(tokens),
+                      clip.text_projection.shape[-1] if torch.is_tensor(clip.text_projection)
                       else clip.text_projection.out_features, device=tokens.device)
     for n in lengths.unique().tolist():
         idx = (lengths == n).nonzero().squeeze(1)
@@ -319,7 +377,8 @@ class MaskCLIP(nn.Module):
         mean = pre.get("mean", open_clip.OPENAI_DATASET_MEAN)
         std = pre.get("std", open_clip.OPENAI_DATASET_STD)
         on = next(clip.parameters()).device  # where the CLIP already is, so .dense() runs there too
-        self.register_buffer("mean", torch.tensor(mean, device=on).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, device=on).view(1, 3, 1, 1),
+                             persistent=False)
         self.register_buffer("std", torch.tensor(std, device=on).view(1, 3, 1, 1), persistent=False)
         self._text_cache = {}
 
@@ -329,8 +388,8 @@ class MaskCLIP(nn.Module):
 
     @torch.no_grad()
     def dense(self, images, with_keys=False):
-        """images: (B, 3, H, W) float RGB in [0, 1] (H, W multiples of self.stride for exact alignment).
-        Returns feats (B, D, h, w) fp32 L2-normalised along D, and keys (B, Dk, h, w) or None."""
+        """images: (B, 3, H, W) float RGB in [0, 1] (H, W multiples of self.stride for exact
+        alignment). Returns feats (B, D, h, w) fp32 unit along D, and keys (B, Dk, h, w) or None."""
         x = (images.to(self.device, torch.float32) - self.mean) / self.std
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
             feats, keys = self.dense_fn(self.clip.visual, x, with_keys)
@@ -338,20 +397,26 @@ class MaskCLIP(nn.Module):
 
     @torch.no_grad()
     def text_prototypes(self, class_names, templates=None, cache_dir=CACHE_DIR, batch_size=128):
-        """One unit vector per class synonym: the normalised mean of its normalised template embeddings.
-        Args:
+        """One unit vector per class synonym: the normalised mean of its normalised template
+        embeddings. Args:
             class_names: list of names, each may hold ';'-separated synonyms.
             templates: list of '{}' templates (default: the 85 of prompts.txt).
-            cache_dir: a folder for the on-disk cache keyed by (model, weights, templates, names); None = off.
+            cache_dir: a folder for the on-disk cache keyed by (model, weights, templates, names);
+            None = off.
         Returns:
             protos (S, D) fp32 unit norm, owner (S,) long: the class index of each row."""
         classes = parse_class_names(class_names)
         templates = templates or read_templates()
-        key = hashlib.sha1(json.dumps([self.info["name"], weights_id(self.info), templates, classes])
+        key = hashlib.sha1(json.dumps([self.info["name"], weights_id(self.info), templates,
+                                       classes])
                            .encode()).hexdigest()[:16]
         file = Path(cache_dir) / f"text_{key}.pt" if cache_dir else None
         if key not in self._text_cache and file is not None and file.is_file():
-            self._text_cache[key] = torch.load(file, map_location="cpu", weights_only=True)
+            try:
+                self._text_cache[key] = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as e:  # a truncated write: it is only a cache, so compute it again
+                print(f"text prototypes: {file} is unreadable ({type(e).__name__}); computing "
+                      f"them again")
         if key not in self._text_cache:
             names = [s for c in classes for s in c]
             prompts = [t.format(s) for s in names for t in templates]
@@ -371,7 +436,10 @@ def class_embeddings(teacher, names):
     """One unit text embedding per class, (K, D): the normalised sum of its synonyms' prototypes.
     The fixed classifier of L_s and MaskCLIP+ (train.py) and the class points of visualize.py."""
     protos, owner = teacher.text_prototypes(names)
-    return F.normalize(torch.zeros(len(names), protos.shape[1], device=protos.device).index_add_(0, owner, protos), dim=1)
+    return F.normalize(
+        torch.zeros(len(names), protos.shape[1], device=protos.device).index_add_(0, owner, protos),
+        dim=1,
+    )
 
 
 def weights_id(info):
@@ -417,7 +485,7 @@ def key_smoothing(scores, keys, thresh=1.0, scale=100.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# The pixel-embedding network f (method.md section 4)
+# The pixel-embedding network f (docs/method.md section 4)
 # ----------------------------------------------------------------------------------------------
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -426,8 +494,8 @@ def dilated_resnet(name, weights="auto"):
     """A torchvision ResNet trunk at output stride 8: layer3 and layer4 keep their resolution and
     dilate their 3x3 convolutions by 2 and 4 instead. torchvision's BasicBlock (resnet18) refuses
     `replace_stride_with_dilation`, so there the strides and dilations are set by hand.
-    weights: 'auto' = torchvision's ImageNet weights when already in the torch cache (random init with
-    a warning otherwise, nothing is downloaded), 'none', or a path to a state dict."""
+    weights: 'auto' = torchvision's ImageNet weights when already in the torch cache (random init
+    with a warning otherwise, nothing is downloaded), 'none', or a path to a state dict."""
     import warnings
     import torchvision
     ctor = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
@@ -435,7 +503,9 @@ def dilated_resnet(name, weights="auto"):
     if name not in ctor:
         raise UserError(f"--backbone {name}: choose from {', '.join(ctor)}")
     bottleneck = name != "resnet18"
-    net = ctor[name](weights=None, replace_stride_with_dilation=[False, True, True] if bottleneck else None)
+    net = ctor[name](
+        weights=None, replace_stride_with_dilation=[False, True, True] if bottleneck else None
+    )
     if not bottleneck:
         for layer, d in ((net.layer3, 2), (net.layer4, 4)):
             for i, block in enumerate(layer):
@@ -444,7 +514,8 @@ def dilated_resnet(name, weights="auto"):
                 for conv in (block.conv1, block.conv2):
                     conv.dilation, conv.padding = (d, d), (d, d)
     if weights == "auto":
-        enum = {"resnet18": torchvision.models.ResNet18_Weights, "resnet50": torchvision.models.ResNet50_Weights,
+        enum = {"resnet18": torchvision.models.ResNet18_Weights,
+                "resnet50": torchvision.models.ResNet50_Weights,
                 "resnet101": torchvision.models.ResNet101_Weights}[name].IMAGENET1K_V1
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
         if cached.is_file():
@@ -469,13 +540,13 @@ GRID_SHIFT = {"centre": 4, "corner": 0}  # train.py --grid -> PixelEmbedder's sh
 
 class PixelEmbedder(nn.Module):
     """f: image -> one unit vector per pixel (stride 8) in CLIP's joint space. DeepLab-v2 style, as
-    MaskCLIP+'s target network: dilated ResNet, ASPP (four 3x3 convs, rates 6/12/18/24 unless told, summed),
-    then a projection head (1x1 conv, BN, ReLU, 1x1 conv to D) and L2 normalisation. The paper shows
-    only "an encoder that maps images to pixel embeddings"; this backbone is our choice (--backbone).
-    Grid: every script paints cell i over pixels [8i, 8i+8), as a ViT teacher's patch i. A stride-8
-    ResNet's cell i is centred on pixel 8i instead (each stride-2 layer keeps output j over input 2j),
-    so f reads its input moved up and left by `shift` = 4 pixels (the last 4 rows and columns repeated)
-    and its cells sit on their blocks. shift=0 rebuilds checkpoints saved before this (load_run)."""
+    MaskCLIP+'s target network: dilated ResNet, ASPP (four 3x3 convs, rates 6/12/18/24 unless told,
+    summed), then a projection head (1x1 conv, BN, ReLU, 1x1 conv to D) and L2 normalisation. The
+    paper shows only "an encoder that maps images to pixel embeddings"; this backbone is our choice
+    (--backbone). Grid: every script paints cell i over pixels [8i, 8i+8), as a ViT teacher's patch
+    i. A stride-8 ResNet's cell i is centred on pixel 8i instead (each stride-2 layer keeps output j
+    over input 2j), so f reads its input moved up and left by `shift` = 4 pixels (the last 4 rows
+    and columns repeated) and its cells sit on their blocks. shift=0 is train.py --grid corner."""
 
     def __init__(self, dim, backbone="resnet101", weights="auto", hidden=512, rates=ASPP_RATES,
                  shift=GRID_SHIFT["centre"]):
@@ -483,14 +554,15 @@ class PixelEmbedder(nn.Module):
         self.shift = shift
         self.trunk, c = dilated_resnet(backbone, weights)
         self.aspp = nn.ModuleList(nn.Conv2d(c, hidden, 3, padding=r, dilation=r) for r in rates)
-        self.head = nn.Sequential(nn.Conv2d(hidden, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+        self.head = nn.Sequential(nn.Conv2d(hidden, hidden, 1), nn.BatchNorm2d(hidden),
+                                  nn.ReLU(inplace=True),
                                   nn.Conv2d(hidden, dim, 1))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.stride = 8
 
     def head_parameters(self):
-        """The newly initialised layers (ASPP and projection head), trained with a 10x learning rate."""
+        """The new layers (ASPP and projection head), trained at 10x the learning rate."""
         return list(self.aspp.parameters()) + list(self.head.parameters())
 
     def forward(self, images):
@@ -506,40 +578,62 @@ class PixelEmbedder(nn.Module):
         return F.normalize(self.head(x), dim=1)  # (B, D, H/8, W/8)
 
 
-def load_run(path, device="cpu"):
-    """Rebuild a trained run from its checkpoint: (f in eval mode, the frozen teacher it was trained
-    with, the checkpoint dict). The checkpoint records its CLIP, so no CLIP flags are needed again."""
+# ----------------------------------------------------------------------------------------------
+# Trained runs: the checkpoint train.py writes, read back by every script
+# ----------------------------------------------------------------------------------------------
+# Compatibility with older checkpoints lives here and only here: a flag that a run's saved args lack
+# takes the value that run was trained with, not today's default.
+OLD_RUN_DEFAULTS = {"aspp_rates": list(ASPP_RATES), "grid": "corner", "quick_gelu": "auto",
+                    "clip_config": None, "unknown_scale": 100.0, "eval_size": None}
+
+
+def read_checkpoint(path, what="--checkpoint"):
+    """A train.py checkpoint as a dict, its args completed by OLD_RUN_DEFAULTS. Anything else (no
+    file, a truncated or foreign file) is a UserError of one line."""
     if not os.path.isfile(path):
-        raise UserError(f"--checkpoint {path}: no such file")
+        raise UserError(f"{what} {path}: no such file")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"--checkpoint {path}: cannot read it ({type(e).__name__})")
+    except Exception as e:  # a truncated zip, a text file, a pickle of something else
+        raise UserError(f"{what} {path}: cannot read it ({type(e).__name__})")
     if not isinstance(ck, dict) or "model" not in ck or "args" not in ck:
-        raise UserError(f"--checkpoint {path}: not a train.py checkpoint")
+        raise UserError(f"{what} {path}: not a train.py checkpoint")
+    ck["args"] = {**OLD_RUN_DEFAULTS, **ck["args"]}
+    return ck
+
+
+def load_run(path, device="cpu"):
+    """Rebuild a trained run from its checkpoint: (f in eval mode, the frozen teacher it was trained
+    with, the checkpoint dict). The checkpoint records its CLIP: no CLIP flags are needed again."""
+    ck = read_checkpoint(path)
     a = ck["args"]
-    clip, info = load_clip(a["clip"], a["clip_pretrained"], a.get("clip_config"), a.get("quick_gelu", "auto"), device)
-    f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a.get("aspp_rates", ASPP_RATES),
-                      GRID_SHIFT[a.get("grid", "corner")])  # runs from before --grid: corner
+    clip, info = load_clip(a["clip"], a["clip_pretrained"], a["clip_config"], a["quick_gelu"],
+                           device)
+    f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a["aspp_rates"],
+                      GRID_SHIFT[a["grid"]])
     f.load_state_dict(ck["model"])
     return f.to(device).eval(), MaskCLIP(clip, info).to(device), ck
 
 
 def pick_device(name):
-    """'auto' (CUDA when present), 'cpu' or 'cuda' -> torch.device; 'cuda' without a GPU is a user error."""
+    """'auto' (CUDA when present), 'cpu' or 'cuda' -> torch.device; 'cuda' and no GPU: UserError."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    return torch.device(
+        "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
+    )
 
 
 def load_embedder(args, device, with_keys=False):
     """What scores pixels in the scripts: a trained run (--checkpoint) or the frozen teacher alone
     (--clip, --clip-pretrained, --clip-config, --quick-gelu).
-    Returns (embed, stride, teacher, run): embed maps images (B, 3, H, W) in [0, 1] to (unit features
-    (B, D, h, w), keys or None); the teacher always provides the text prototypes; run is the
-    checkpoint dict, or None for the teacher."""
+    Returns (embed, stride, teacher, run): embed maps images (B, 3, H, W) in [0, 1] to (unit
+    features (B, D, h, w), keys or None); the teacher always provides the text prototypes; run is
+    the checkpoint dict, or None for the teacher."""
     if getattr(args, "checkpoint", None):
         f, teacher, run = load_run(args.checkpoint, device)
         return (lambda x: (f(x.to(device)), None)), f.stride, teacher, run
-    teacher = MaskCLIP(*load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device))
-    return (lambda x: teacher.dense(x.to(device), with_keys=with_keys)), teacher.stride, teacher.to(device), None
+    teacher = MaskCLIP(*load_clip(args.clip, args.clip_pretrained, args.clip_config,
+                                  args.quick_gelu, device))
+    return (lambda x: teacher.dense(x.to(device),
+                                    with_keys=with_keys)), teacher.stride, teacher.to(device), None

@@ -19,43 +19,112 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from data import (UserError, draw_overlay, label_shares, list_images, load_image,
-                  palette, resize_for_teacher, resize_labels, save_label_png, atomic_save)
-from model import (CACHE_DIR, class_scores, key_smoothing, load_embedder, parse_class_names, pick_device,
-                   prompt_denoising)
+from data import (UserError, atomic_save, list_images, load_image, palette, resize_for_teacher,
+                  resize_labels, save_label_png)
+from model import (CACHE_DIR, add_clip_args, class_scores, key_smoothing, load_embedder,
+                   parse_class_names, pick_device, prompt_denoising, resolve_clip_args)
+
+
+def label_shares(labels, num_classes):
+    """Fraction of pixels of each class: (H, W) ints -> (K,) float64 summing to 1."""
+    counts = np.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]
+    return counts / max(1, counts.sum())
+
+
+
+def draw_overlay(img, labels, names, colours, shares=None, alpha=0.55, max_side=1600, min_side=320):
+    """The picture a person looks at: the image, the image tinted by its label colours, and a legend
+    naming each class (with its share of the image; absent classes greyed), in columns if needed.
+    img (H, W, 3) uint8, labels (H, W) ints in [0, K), names K strings, colours (K, 3) uint8,
+    shares (K,) fractions or None. Returns a PIL RGB image; small images are enlarged (nearest)."""
+    from PIL import ImageDraw, ImageFont
+    H, W = labels.shape
+    scale = min(max_side / max(H, W), max(1.0, min_side / min(H, W)))
+    size = (max(1, round(W * scale)), max(1, round(H * scale)))
+    img = np.asarray(Image.fromarray(img).resize(size,
+                                                 Image.NEAREST if scale > 1 else Image.BILINEAR))
+    labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST))
+    # (h, w, 3) at display size
+    tint = (img * (1 - alpha) + colours[labels] * alpha).astype(np.uint8)
+    pics = [Image.fromarray(a) for a in (img, tint)]
+    font = ImageFont.load_default(size=16)
+    rows = [n + (f"  {100 * s:.1f}%" if shares is not None else "") for n, s in
+            zip(names, shares if shares is not None else [None] * len(names))]
+    row_h, pad, gap = 24, 8, 6
+    per_col = max(1, min(len(rows), (max(size[1], 240) - 2 * pad) // row_h))
+    col_w = pad + 18 + pad + max(int(font.getlength(r)) for r in rows)
+    n_cols = -(-len(rows) // per_col)
+    canvas = Image.new(
+        "RGB",
+        (2 * size[0] + gap + n_cols * col_w + pad, max(size[1], 2 * pad + per_col * row_h)),
+        (255, 255, 255),
+    )
+    canvas.paste(pics[0], (0, 0))
+    canvas.paste(pics[1], (size[0] + gap, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, r in enumerate(rows):
+        x = 2 * size[0] + gap + (k // per_col) * col_w + pad
+        y = pad + (k % per_col) * row_h
+        absent = shares is not None and shares[k] == 0
+        draw.rectangle([x, y + 2, x + 18, y + 20], fill=tuple(int(c) for c in colours[k]),
+                       outline=(0, 0, 0))
+        draw.text((x + 18 + pad, y + 2), r, fill=(160, 160, 160) if absent else (0, 0, 0),
+                  font=font)
+    return canvas
+
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--classes", nargs="*", default=None, required=True,
-                   help="class names; ';' joins synonyms scored by their best match ('tv monitor;television')")
+    p.add_argument(
+        "--classes",
+        nargs="*",
+        default=None,
+        required=True,
+        help="class names; ';' joins synonyms scored by their best match ('tv monitor;television')",
+    )
     # Model
-    p.add_argument("--checkpoint", default=None,
-                   help="a train.py checkpoint (CLIP-S4, MaskCLIP+, SegSort-only); its CLIP comes with it")
-    p.add_argument("--clip", default="ViT-B-16", help="open_clip model name (ViT-B-16 or RN50 in the paper)")
-    p.add_argument("--clip-pretrained", default="openai",
-                   help="open_clip pretrained tag, or a local weights file (state dict fp32/fp16, or OpenAI's .pt)")
-    p.add_argument("--clip-config", default=None,
-                   help="open_clip JSON config registered under its file stem (then --clip is that stem)")
-    p.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto",
-                   help="activation of the CLIP towers; auto = QuickGELU for OpenAI's weights, as they were trained")
-    p.add_argument("--size", type=int, default=448,
-                   help="short side the teacher sees (MaskCLIP: 448 for 224-px CLIPs; a tiny CLIP needs its own)")
-    p.add_argument("--max-side", type=int, default=1344,
-                   help="cap on the teacher's long side, so very wide or huge images cannot blow memory")
-    p.add_argument("--key-smoothing", action="store_true", help="MaskCLIP refinement: smooth scores by key similarity")
-    p.add_argument("--ks-thresh", type=float, default=1.0, help="key smoothing changes pixels whose top prob is below this")
-    p.add_argument("--prompt-denoising", action="store_true", help="MaskCLIP refinement: drop classes never confident")
-    p.add_argument("--pd-thresh", type=float, default=0.5, help="prompt denoising keeps a class whose peak prob reaches this")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a train.py checkpoint (CLIP-S4, MaskCLIP+, SegSort-only); its CLIP comes with it",
+    )
+    add_clip_args(p)
+    p.add_argument(
+        "--size",
+        type=int,
+        default=448,
+        help="short side the teacher sees (MaskCLIP: 448 for 224-px CLIPs; a tiny CLIP needs "
+        "its own)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=1344,
+        help="cap on the teacher's long side, so very wide or huge images cannot blow memory",
+    )
+    p.add_argument("--key-smoothing", action="store_true",
+                   help="MaskCLIP refinement: smooth scores by key similarity")
+    p.add_argument("--ks-thresh", type=float, default=1.0,
+                   help="key smoothing changes pixels whose top prob is below this")
+    p.add_argument("--prompt-denoising", action="store_true",
+                   help="MaskCLIP refinement: drop classes never confident")
+    p.add_argument("--pd-thresh", type=float, default=0.5,
+                   help="prompt denoising keeps a class whose peak prob reaches this")
     # Output
     p.add_argument("--out-dir", default="out/segment", help="where the PNGs are written")
-    p.add_argument("--cache-dir", default=str(CACHE_DIR), help="text-prototype cache ('' turns it off)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks CUDA when present")
-    return p.parse_args(argv)
+    p.add_argument("--cache-dir", default=str(CACHE_DIR),
+                   help="text-prototype cache ('' turns it off)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto picks CUDA when present")
+    return resolve_clip_args(p.parse_args(argv))
 
 
 @torch.no_grad()
@@ -71,7 +140,8 @@ def segment_image(embed, stride, img, protos, owner, num_classes, args):
         scores = key_smoothing(scores, keys, args.ks_thresh)
     # Upsample the scores to the teacher's input size only, then the labels (not the K score maps)
     # to the original size: a 6000 x 4000 photo never holds K full-size float maps.
-    scores = F.interpolate(scores, size=x.shape[2:], mode="bilinear", align_corners=False)  # (1, K, h', w')
+    # (1, K, h', w')
+    scores = F.interpolate(scores, size=x.shape[2:], mode="bilinear", align_corners=False)
     labels = scores[0].argmax(dim=0).to(torch.uint8).cpu().numpy()  # (h', w')
     return resize_labels(labels, img.shape[:2])
 
@@ -89,7 +159,8 @@ def main(args):
     device = pick_device(args.device)
     print(f"device: {device} | {len(paths)} image(s) | classes: {', '.join(names)}")
 
-    # ---- model: the frozen CLIP teacher, or a trained run (which brings its own teacher for the text) ----
+    # ---- model: the frozen CLIP teacher, or a trained run (which brings its own teacher for
+    # the text) ----
     t0 = time.perf_counter()
     if args.checkpoint:
         args.key_smoothing = False  # keys belong to the teacher's last layer, not to f
@@ -98,8 +169,10 @@ def main(args):
     t1 = time.perf_counter()
     protos, owner = teacher.text_prototypes(args.classes, cache_dir=args.cache_dir or None)
     t2 = time.perf_counter()
-    print(f"model build {t1 - t0:.1f} s | text prototypes {t2 - t1:.1f} s "
-          f"({len(protos)} prompts rows x 85 templates) | weights: {info['weights'] or 'random init'}")
+    print(
+        f"model build {t1 - t0:.1f} s | text prototypes {t2 - t1:.1f} s "
+        f"({len(protos)} prompts rows x 85 templates) | weights: {info['weights'] or 'random init'}"
+    )
 
     # ---- loop: segment, save, report ----
     out = Path(args.out_dir)
@@ -111,9 +184,15 @@ def main(args):
         labels = segment_image(embed, stride, img, protos, owner, len(names), args)
         shares = label_shares(labels, len(names))
         save_label_png(out / f"{p.stem}_labels.png", labels, colours)
-        atomic_save(draw_overlay(img, labels, names, colours, shares), out / f"{p.stem}_overlay.png")
-        top = ", ".join(f"{n} {100 * s:.1f}%" for n, s in sorted(zip(names, shares), key=lambda a: -a[1]) if s > 0)
-        print(f"{p.name} ({img.shape[1]}x{img.shape[0]}) {1000 * (time.perf_counter() - t):.0f} ms | {top}")
+        atomic_save(draw_overlay(img, labels, names, colours, shares),
+                    out / f"{p.stem}_overlay.png")
+        top = ", ".join(
+            f"{n} {100 * s:.1f}%"
+            for n, s in sorted(zip(names, shares), key=lambda a: -a[1])
+            if s > 0
+        )
+        print(f"{p.name} ({img.shape[1]}x{img.shape[0]}) {1000 * (time.perf_counter() - t):.0f} "
+              f"ms | {top}")
     print(f"wrote {2 * len(paths)} PNGs to {out}")
 
 

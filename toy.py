@@ -2,12 +2,12 @@
 pretrained on the (image, caption) pairs with open_clip's own model classes and contrastive loss.
 
 It stands in for what cannot be downloaded here (CLIP's weights, ImageNet weights, Pascal VOC): a
-vision-language model that localises concepts imperfectly, images scored per pixel, class names to hold
-out, and a "toy ImageNet" ResNet-18 (image-level tags on scenes of their own) to initialise f.
+vision-language model that localises concepts imperfectly, images scored per pixel, class names to
+hold out, and a "toy ImageNet" ResNet-18 (image-level tags on scenes of their own) to initialise f.
 
-Default world (about 5-8 minutes on 2 CPU cores), then the quick start of the README:
-    python toy.py                      # data/toy: images, labels, captions, toyclip.{json,pt}, resnet18_toy.pt
-    python toy.py --backbone-only      # only remake resnet18_toy.pt in an existing world
+Default world (5-10 minutes on 2 CPU cores), then the quick start of the README:
+    python toy.py                  # data/toy: scenes, labels, captions, toyclip.*, resnet18_toy.pt
+    python toy.py --backbone-only  # only remake resnet18_toy.pt in an existing world
     python segment.py data/toy/JPEGImages/val_0000.png --classes sky grass water ball \
         --clip-config data/toy/toyclip.json --clip-pretrained data/toy/toyclip.pt --size 64
 Micro world for the tests (seconds):
@@ -38,31 +38,56 @@ STUFF = ["sky", "grass", "water", "sand", "snow", "road", "wall", "floor"]
 THINGS = ["ball", "box", "tree", "car", "kite", "star"]
 CLASSES = STUFF + THINGS  # label id = index here
 GROUND = ["grass", "water", "sand", "snow", "road"]  # what lies under an outdoor sky
-COLOURS = {"red": (200, 30, 30), "yellow": (235, 200, 40), "orange": (240, 130, 20), "pink": (240, 120, 180),
-           "blue": (40, 70, 200), "white": (240, 240, 240), "black": (25, 25, 25), "purple": (130, 50, 170),
-           "brown": (130, 80, 40), "green": (30, 110, 40)}
-THING_COLOURS = {"ball": ["red", "yellow", "orange", "pink", "blue"], "box": ["brown", "red", "yellow", "blue"],
-                 "tree": ["green"], "car": ["red", "blue", "white", "black"],
-                 "kite": ["pink", "purple", "orange", "yellow"], "star": ["yellow", "white", "orange"]}
+COLOURS = {
+    "red": (200, 30, 30),
+    "yellow": (235, 200, 40),
+    "orange": (240, 130, 20),
+    "pink": (240, 120, 180),
+    "blue": (40, 70, 200),
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
+    "purple": (130, 50, 170),
+    "brown": (130, 80, 40),
+    "green": (30, 110, 40),
+}
+THING_COLOURS = {
+    "ball": ["red", "yellow", "orange", "pink", "blue"],
+    "box": ["brown", "red", "yellow", "blue"],
+    "tree": ["green"],
+    "car": ["red", "blue", "white", "black"],
+    "kite": ["pink", "purple", "orange", "yellow"],
+    "star": ["yellow", "white", "orange"],
+}
 FRAMES = ["a photo of {}.", "{}.", "an image showing {}.", "a scene with {}.", "there is {} here.",
           "this picture has {}.", "a toy world with {}.", "look at {}!"]
-ARTICLE = {"sky": "the", "grass": "some", "water": "the", "sand": "some", "snow": "some", "road": "a",
+ARTICLE = {"sky": "the", "grass": "some", "water": "the", "sand": "some", "snow": "some",
+           "road": "a",
            "wall": "a", "floor": "the"}
 
 
 def stuff_texture(name, rng, H, W):
-    """An (H, W, 3) float texture for a stuff class: a base colour plus the pattern that tells it apart."""
+    """An (H, W, 3) float texture of a stuff class: a base colour and the pattern that marks it."""
     y, x = np.mgrid[0:H, 0:W] / max(H, W)
     noise = rng.normal(0, 1, (H, W))
-    base = {"sky": (110, 170, 235), "grass": (60, 150, 50), "water": (40, 90, 170), "sand": (215, 190, 130),
-            "snow": (235, 240, 250), "road": (80, 80, 85), "wall": (165, 75, 55), "floor": (150, 105, 60)}[name]
+    base = {
+        "sky": (110, 170, 235),
+        "grass": (60, 150, 50),
+        "water": (40, 90, 170),
+        "sand": (215, 190, 130),
+        "snow": (235, 240, 250),
+        "road": (80, 80, 85),
+        "wall": (165, 75, 55),
+        "floor": (150, 105, 60),
+    }[name]
     t = np.ones((H, W, 3)) * np.array(base, float) * rng.uniform(0.85, 1.15)
     if name == "sky":  # bright towards the horizon
         t += (y[..., None] * 60) + noise[..., None] * 3
     elif name == "grass":  # strong green speckle
         t += noise[..., None] * np.array([10, 30, 10])
     elif name == "water":  # horizontal waves
-        t += (np.sin(y * 60 + rng.uniform(0, 6) + np.sin(x * 12) * 2) * 25)[..., None] * np.array([0.5, 0.7, 1])
+        t += (np.sin(y * 60 + rng.uniform(0, 6) + np.sin(x * 12) * 2) * 25)[..., None] * np.array(
+            [0.5, 0.7, 1]
+        )
     elif name == "sand":  # fine grain
         t += noise[..., None] * 12
     elif name == "snow":  # faint blue shadows
@@ -92,17 +117,29 @@ def draw_thing(name, rng, img, lab, k, S, zoom=1.0):
         shapes = [("rectangle", [cx - r, cy - r, cx + r, cy + r], col),
                   ("line", [cx - r, cy - r, cx + r, cy + r], tuple(c // 2 for c in col))]
     elif name == "tree":
-        shapes = [("rectangle", [cx - r / 4, cy, cx + r / 4, cy + r], COLOURS["brown"]),
-                  ("polygon", [(cx, cy - r), (cx - r * 0.8, cy + r * 0.3), (cx + r * 0.8, cy + r * 0.3)], col)]
+        shapes = [
+            ("rectangle", [cx - r / 4, cy, cx + r / 4, cy + r], COLOURS["brown"]),
+            (
+                "polygon",
+                [(cx, cy - r), (cx - r * 0.8, cy + r * 0.3), (cx + r * 0.8, cy + r * 0.3)],
+                col,
+            ),
+        ]
     elif name == "car":
         shapes = [("rectangle", [cx - r, cy - r / 2, cx + r, cy + r / 3], col),
                   ("ellipse", [cx - r * 0.8, cy + r / 6, cx - r * 0.3, cy + r * 0.6], (20, 20, 20)),
                   ("ellipse", [cx + r * 0.3, cy + r / 6, cx + r * 0.8, cy + r * 0.6], (20, 20, 20))]
     elif name == "kite":
-        shapes = [("polygon", [(cx, cy - r), (cx + r * 0.6, cy), (cx, cy + r), (cx - r * 0.6, cy)], col)]
+        shapes = [("polygon", [(cx, cy - r), (cx + r * 0.6, cy), (cx, cy + r), (cx - r * 0.6, cy)],
+                   col)]
     else:  # star: five points
-        pts = [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
-                cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
+        pts = [
+            (
+                cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
+                cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5),
+            )
+            for i in range(10)
+        ]
         shapes = [("polygon", pts, col)]
     for kind, xy, c in shapes:
         kw = {"width": max(1, int(r / 5))} if kind == "line" else {}
@@ -113,8 +150,9 @@ def draw_thing(name, rng, img, lab, k, S, zoom=1.0):
 
 def make_scene(rng, S=64, closeup=0.0):
     """One scene; with probability `closeup` a close-up instead: one stuff filling the frame and at
-    most one large thing (as web photos often are), which ties words to regions. Returns img (S, S, 3) uint8, label (S, S) uint8 (255 = ignore: the pixels on either
-    side of a thing's outline, as VOC marks object borders), a caption and the set of class names it names (all of them present)."""
+    most one large thing (as web photos often are), which ties words to regions. Returns img (S, S,
+    3) uint8, label (S, S) uint8 (255 = ignore: the pixels on either side of a thing's outline, as
+    VOC marks object borders), a caption and the set of class names it names (all present)."""
     near = rng.random() < closeup
     if near:
         top, bottoms = rng.choice(STUFF), []
@@ -123,7 +161,9 @@ def make_scene(rng, S=64, closeup=0.0):
     else:
         top, bottoms = "wall", ["floor"]
     x = np.arange(S)
-    horizon = (rng.uniform(0.3, 0.6) * S + np.sin(x / S * rng.uniform(2, 9) + rng.uniform(0, 6)) * rng.uniform(0, 4))
+    horizon = rng.uniform(0.3, 0.6) * S + np.sin(
+        x / S * rng.uniform(2, 9) + rng.uniform(0, 6)
+    ) * rng.uniform(0, 4)
     yy = np.arange(S)[:, None]
     lab = np.full((S, S), CLASSES.index(top), np.uint8)
     img = stuff_texture(top, rng, S, S)
@@ -134,10 +174,12 @@ def make_scene(rng, S=64, closeup=0.0):
         img[mask] = stuff_texture(name, rng, S, S)[mask]
     img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     thing_lab = Image.new("L", (S, S), 0)
-    things = list(rng.choice(THINGS, size=rng.integers(0, 2) if near else rng.integers(0, 4), replace=False))
+    things = list(rng.choice(THINGS, size=rng.integers(0, 2) if near else rng.integers(0, 4),
+                             replace=False))
     colour_of = {}
     for name in things:
-        colour_of[name] = draw_thing(name, rng, img, thing_lab, CLASSES.index(name) + 1, S, 2.0 if near else 1.0)
+        colour_of[name] = draw_thing(name, rng, img, thing_lab, CLASSES.index(name) + 1, S,
+                                     2.0 if near else 1.0)
     tl = np.asarray(thing_lab).astype(np.int32) - 1  # -1 = no thing
     lab[tl >= 0] = tl[tl >= 0]
     edge = np.zeros_like(tl, bool)  # 1-px ignore band where a thing meets anything else
@@ -203,23 +245,27 @@ def toyclip_config(size, tiny=False, pool="avg"):
     briefly trained reads out far worse per patch (15 vs 29 mIoU, README)."""
     w = 64 if tiny else 96
     return {"embed_dim": 64, "quick_gelu": False,
-            "vision_cfg": {"image_size": size, "layers": 2 if tiny else 4, "width": w, "patch_size": 8,
+            "vision_cfg": {"image_size": size, "layers": 2 if tiny else 4, "width": w,
+                           "patch_size": 8,
                            "head_width": 32, "pool_type": pool},
-            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": w, "heads": w // 32, "layers": 2}}
+            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": w, "heads": w // 32,
+                         "layers": 2}}
 
 
 def load_split(root, split):
-    """All images of a toy split as one uint8 tensor (N, 3, S, S), their labels (N, S, S) and ids."""
+    """All images of a toy split as one uint8 tensor (N, 3, S, S), labels (N, S, S) and ids."""
     ids = (Path(root) / "ImageSets/Segmentation" / f"{split}.txt").read_text().split()
     imgs = np.stack([load_image(Path(root) / "JPEGImages" / f"{i}.png") for i in ids])
-    labs = np.stack([np.asarray(Image.open(Path(root) / "SegmentationClass" / f"{i}.png")) for i in ids])
+    labs = np.stack(
+        [np.asarray(Image.open(Path(root) / "SegmentationClass" / f"{i}.png")) for i in ids]
+    )
     return torch.from_numpy(imgs).permute(0, 3, 1, 2), torch.from_numpy(labs), ids  # NHWC -> NCHW
 
 
 def fit(step_loss, images, opt, sched, steps, batch_size, seed, desc):
-    """The loop both toy pretrainings share: a random batch of images with random flips per step (the
-    captions and tags have no left or right, so flips keep them true), one optimizer step on
-    step_loss(x, idx, g), x float in [0, 1] and idx the batch's indices. Returns each step's loss."""
+    """The loop both toy pretrainings share: a random batch of images with random flips per step
+    (the captions and tags have no left or right, so flips keep them true), one optimizer step on
+    step_loss(x, idx, g), x float in [0, 1], idx the batch's indices. Returns each step's loss."""
     g = torch.Generator().manual_seed(seed)
     losses = []
     bar = tqdm(range(steps), desc=desc)
@@ -249,12 +295,19 @@ def pretrain_clip(clip, images, captions, args):
     opt = torch.optim.AdamW(clip.parameters(), lr=args.lr, weight_decay=0.1)
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm)
+            * 0.5
+            * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+        ),
+    )
 
     def clip_loss(x, idx, g):
         img_f, txt_f, scale = clip((x - mean) / std, tokens[idx])[:3]
         return loss_fn(img_f, txt_f, scale)
-    losses = fit(clip_loss, images, opt, sched, args.steps, args.batch_size, args.seed, "pretraining toy CLIP")
+    losses = fit(clip_loss, images, opt, sched, args.steps, args.batch_size, args.seed,
+                 "pretraining toy CLIP")
     clip.eval().requires_grad_(False)
     return losses
 
@@ -271,12 +324,15 @@ def tagged_scenes(n, size, seed, closeup=0.3):
         img, lab, _, _ = make_scene(np.random.default_rng([seed, 2, i]), size, closeup)
         imgs.append(img)
         tags.append(np.bincount(lab.reshape(-1), minlength=256)[: len(CLASSES)] / lab.size >= 0.01)
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(tags)).float()
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1,
+                                                    2), torch.from_numpy(np.stack(tags)).float()
 
 
 def imagenet_normalise(x):
     """Images in [0, 1] normalised as f normalises its input (model.PixelEmbedder)."""
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
 
 
 def pretrain_backbone(images, tags, args):
@@ -288,7 +344,9 @@ def pretrain_backbone(images, tags, args):
     torch.manual_seed(args.seed)  # the same weights whether or not the toy CLIP was trained first
     net = torchvision.models.resnet18(num_classes=tags.shape[1])
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.backbone_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.backbone_steps))
+    )
 
     def tag_loss(x, idx, g):
         dy, dx = torch.randint(-4, 5, (2,), generator=g).tolist()  # one shift per batch, edges wrap
@@ -311,7 +369,7 @@ def tag_accuracy(net, images, tags):
 
 @torch.no_grad()
 def retrieval_accuracy(teacher, images, captions):
-    """Image -> caption top-1 among the split's captions (a hit when the retrieved text is the same)."""
+    """Image -> caption top-1 among the split's captions (a hit: the retrieved text is equal)."""
     clip = teacher.clip
     x = (images.float().div(255).to(teacher.device) - teacher.mean) / teacher.std
     img = F.normalize(torch.cat([clip.encode_image(c) for c in x.split(256)]), dim=-1)
@@ -323,12 +381,13 @@ def retrieval_accuracy(teacher, images, captions):
 
 @torch.no_grad()
 def maskclip_miou(teacher, images, labels, names, size):
-    """Language-driven MaskCLIP readout of the toy val split: per pixel, the nearest class prototype."""
+    """Language-driven MaskCLIP readout of toy val: per pixel the nearest class prototype."""
     protos, owner = teacher.text_prototypes(names, cache_dir=None)
     K = len(names)
     cm = np.zeros((K, K), np.int64)
     for x, y in zip(images.split(64), labels.split(64)):
-        x = F.interpolate(x.float().div(255), size=(size, size), mode="bilinear", align_corners=False)
+        x = F.interpolate(x.float().div(255), size=(size, size), mode="bilinear",
+                          align_corners=False)
         feats, _ = teacher.dense(x)  # (B, D, h, w)
         scores = torch.einsum("bdhw,sd->bshw", feats, protos)  # (B, K, h, w)
         scores = F.interpolate(scores, size=y.shape[1:], mode="bilinear", align_corners=False)
@@ -337,26 +396,46 @@ def maskclip_miou(teacher, images, labels, names, size):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
-    p.add_argument("--out-dir", default="data/toy", help="the toy dataset folder (also --data-root of the other scripts)")
-    p.add_argument("--n-train", type=int, default=3000, help="training scenes (CLIP pretraining and CLIP-S4 training)")
+    p.add_argument("--out-dir", default="data/toy",
+                   help="the toy dataset folder (also --data-root of the other scripts)")
+    p.add_argument("--n-train", type=int, default=3000,
+                   help="training scenes (CLIP pretraining and CLIP-S4 training)")
     p.add_argument("--n-val", type=int, default=300, help="validation scenes (all scores)")
-    p.add_argument("--size", type=int, default=64, help="scene side in pixels (also the toy CLIP's input size)")
+    p.add_argument("--size", type=int, default=64,
+                   help="scene side in pixels (also the toy CLIP's input size)")
     # Optim
     p.add_argument("--steps", type=int, default=450, help="toy CLIP pretraining steps")
     p.add_argument("--batch-size", type=int, default=128, help="(image, caption) pairs per step")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
-    p.add_argument("--pool", choices=["avg", "tok"], default="avg",
-                   help="how the toy CLIP pools patch tokens: avg (default, localises better) or tok (CLIP's class token)")
-    p.add_argument("--closeup", type=float, default=0.3,
-                   help="share of training scenes that are close-ups of one stuff (+ one large thing)")
-    p.add_argument("--backbone-steps", type=int, default=400,
-                   help="toy ImageNet: steps of ResNet-18 tag pretraining for f's backbone (0: skip)")
+    p.add_argument(
+        "--pool",
+        choices=["avg", "tok"],
+        default="avg",
+        help="how the toy CLIP pools patch tokens: avg (default, localises better) or tok "
+        "(CLIP's class token)",
+    )
+    p.add_argument(
+        "--closeup",
+        type=float,
+        default=0.3,
+        help="share of training scenes that are close-ups of one stuff (+ one large thing)",
+    )
+    p.add_argument(
+        "--backbone-steps",
+        type=int,
+        default=400,
+        help="toy ImageNet: steps of ResNet-18 tag pretraining for f's backbone (0: skip)",
+    )
     p.add_argument("--backbone-batch", type=int, default=32, help="toy ImageNet: images per step")
-    p.add_argument("--backbone-scenes", type=int, default=4000, help="toy ImageNet: tagged scenes (+1/8 held out)")
-    p.add_argument("--backbone-only", action="store_true", help="only (re)make resnet18_toy.pt in an existing world")
-    p.add_argument("--tiny", action="store_true", help="micro world for tests: 96 scenes, 2-layer CLIP, 30 steps")
+    p.add_argument("--backbone-scenes", type=int, default=4000,
+                   help="toy ImageNet: tagged scenes (+1/8 held out)")
+    p.add_argument("--backbone-only", action="store_true",
+                   help="only (re)make resnet18_toy.pt in an existing world")
+    p.add_argument("--tiny", action="store_true",
+                   help="micro world for tests: 96 scenes, 2-layer CLIP, 30 steps")
     p.add_argument("--seed", type=int, default=0, help="everything deterministic under it")
     args = p.parse_args(argv)
     if args.tiny:
@@ -379,7 +458,8 @@ def main(args):
         path = root / "resnet18_toy.pt"
         atomic_save({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, path)
         acc, exact = tag_accuracy(net, images[n:], tags[n:])
-        print(f"toy ResNet-18: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}, held-out tags "
+        print(f"toy ResNet-18: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}, "
+              f"held-out tags "
               f"{acc:.1f}% right ({exact:.1f}% of images all right), saved {path}")
         result["backbone"] = {"losses": losses, "tag_accuracy": acc}
     print(f"total {time.perf_counter() - t0:.0f} s")
@@ -393,7 +473,8 @@ def world_and_clip(args, root, t0):
     train_x, _, train_ids = load_split(root, "train")
     val_x, val_y, val_ids = load_split(root, "val")
     t1 = time.perf_counter()
-    print(f"wrote {args.n_train} + {args.n_val} scenes of {len(CLASSES)} classes to {root} in {t1 - t0:.0f} s")
+    print(f"wrote {args.n_train} + {args.n_val} scenes of {len(CLASSES)} classes to {root} in "
+          f"{t1 - t0:.0f} s")
     # ---- model: a tiny CLIP from a JSON config, pretrained contrastively ----
     cfg = root / "toyclip.json"
     cfg.write_text(json.dumps(toyclip_config(args.size, args.tiny, args.pool), indent=1))
@@ -403,16 +484,19 @@ def world_and_clip(args, root, t0):
     weights = root / "toyclip.pt"
     atomic_save(clip.state_dict(), weights)
     t2 = time.perf_counter()
-    print(f"toy CLIP: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} in {t2 - t1:.0f} s, "
+    print(f"toy CLIP: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} in "
+          f"{t2 - t1:.0f} s, "
           f"saved {weights}")
     # ---- report: reload through the path every script uses, then score ----
     teacher = MaskCLIP(*load_clip(pretrained=str(weights), config=cfg))
     acc, chance = retrieval_accuracy(teacher, val_x, [captions[i] for i in val_ids])
     m = maskclip_miou(teacher, val_x, val_y, CLASSES, args.size)
     print(f"val image->caption top-1: {acc:.1f}% (chance {chance:.1f}%)")
-    print(f"val MaskCLIP (dense readout) mIoU {m['mIoU']:.1f} | pAcc {m['pAcc']:.1f} | mAcc {m['mAcc']:.1f} "
+    print(f"val MaskCLIP (dense readout) mIoU {m['mIoU']:.1f} | pAcc {m['pAcc']:.1f} | mAcc "
+          f"{m['mAcc']:.1f} "
           f"(chance mIoU about {100 / len(CLASSES):.1f})")
-    print("per class IoU: " + ", ".join(f"{n} {v:.0f}" for n, v in m["per_class"].items() if v is not None))
+    print("per class IoU: " + ", ".join(f"{n} {v:.0f}" for n,
+                                        v in m["per_class"].items() if v is not None))
     return {"losses": losses, "retrieval": acc, "maskclip": m}
 
 

@@ -1,21 +1,22 @@
-"""visualize.py: the paper's figures, drawn from our checkpoints on any dataset (supplementary A.5-A.6).
+"""visualize.py: the paper's figures, drawn from our checkpoints on any dataset (supplementary
+A.5-A.6).
 
-  1. qualitative.png     image | ground truth | one column per method, segmented with the given class
+  1. qualitative.png     image | ground truth | one column per method, segmented with the given
+  class
                          names; the legend marks the names that were not given in training (Fig. 1)
   2. embeddings_umap.png per class, each method's average pixel embedding and the class's text
                          embedding, projected together with UMAP (Fig. 2)
   3. unknown_classes.png for each unknown prototype CLIP-S4 learned, a strip of the validation
                          segments assigned to it (Fig. 3)
-  4. segment_map.png     segment embeddings projected with UMAP, each drawn as its image patch, framed
+  4. segment_map.png     segment embeddings projected with UMAP, each drawn as its image patch,
+  framed
                          green when it belongs to a known class and orange when not (Fig. 4)
 
 Methods: the teacher alone (--method maskclip) and/or up to three train.py checkpoints:
     python visualize.py --dataset context --method maskclip \
         --checkpoint runs/ctx_mcp/ckpt.pt runs/ctx_f0/ckpt.pt --classes sky grass dog boat
-Toy world on a CPU (about a minute):
-    python visualize.py --dataset toy --method maskclip --clip-config data/toy/toyclip.json \
-        --clip-pretrained data/toy/toyclip.pt --teacher-size 64 --size 96 \
-        --checkpoint runs/toy_cf_mcp/ckpt.pt runs/toy_cf_clips4/ckpt.pt --out-dir docs/figures
+Toy world on a CPU (about a minute; the teacher at 64 px, each run at its own --eval-size):
+    python visualize.py --dataset toy --method maskclip --checkpoint runs/toy/ckpt.pt
 """
 import argparse
 import sys
@@ -28,79 +29,122 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import (EVAL_SIDE, IGNORE, SegDataset, UserError, majority_labels, palette, resize_for_teacher)
+from data import (DATASETS, EVAL_SIDE, IGNORE, SegDataset, UserError, majority_labels, palette,
+                  resize_for_teacher)
 from losses import UnknownPrototypes, image_segments, segment_means
-from model import MaskCLIP, class_embeddings, class_scores, load_clip, load_run, pick_device
+from model import (MaskCLIP, add_clip_args, class_embeddings, class_scores, load_clip, load_run,
+                   pick_device,
+                   resolve_clip_args)
 
-PRETTY = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4", "segsort": "SegSort-only"}
+PRETTY = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4",
+          "segsort": "SegSort-only"}
 GREEN, ORANGE = "#2ca02c", "#ff7f0e"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # Methods
-    p.add_argument("--method", default=None, choices=["maskclip"], help="also draw the frozen teacher alone")
-    p.add_argument("--checkpoint", nargs="+", default=[], help="up to three train.py checkpoints, drawn in this order")
-    p.add_argument("--labels", nargs="+", default=None, help="display names, one per method (default: from the runs)")
-    p.add_argument("--clip", default="ViT-B-16", help="--method maskclip without checkpoints: open_clip name")
-    p.add_argument("--clip-pretrained", default="openai")
-    p.add_argument("--clip-config", default=None)
-    p.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--method", default=None, choices=["maskclip"],
+                   help="also draw the frozen teacher alone")
+    p.add_argument("--checkpoint", nargs="+", default=[],
+                   help="up to three train.py checkpoints, drawn in this order")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="display names, one per method (default: from the runs)")
+    add_clip_args(p)
     # Data
-    p.add_argument("--dataset", default="voc", choices=["voc", "context", "cocostuff", "folder", "toy"])
+    p.add_argument("--dataset", default="voc", choices=DATASETS)
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
-    p.add_argument("--size", type=int, default=None, help="short side for the checkpoints (default as evaluate.py)")
-    p.add_argument("--teacher-size", type=int, default=None, help="short side for the teacher (default: --size)")
-    p.add_argument("--classes", nargs="+", default=None, help="Fig. 1: the names to segment with (default: the dataset's)")
-    p.add_argument("--unknown-classes", nargs="+", default=[], help="teacher only: names to mark as unknown")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="short side for the checkpoints (default: each run's --eval-size, else the dataset's)",
+    )
+    p.add_argument(
+        "--teacher-size",
+        type=int,
+        default=None,
+        help="short side for the teacher (default: the dataset's test side, 64 for the toy CLIP)",
+    )
+    p.add_argument("--classes", nargs="+", default=None,
+                   help="Fig. 1: the names to segment with (default: the dataset's)")
+    p.add_argument("--unknown-classes", nargs="+", default=[],
+                   help="teacher only: names to mark as unknown")
     # Figures
     p.add_argument("--figures", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
-    p.add_argument("--images", type=int, default=4, help="Fig. 1: number of images (chosen under --seed)")
+    p.add_argument("--images", type=int, default=4,
+                   help="Fig. 1: number of images (chosen under --seed)")
     p.add_argument("--image-ids", nargs="+", default=None, help="Fig. 1: these image ids instead")
-    p.add_argument("--pass-images", type=int, default=200, help="Figs. 2-4: images in the embedding pass (0: all)")
-    p.add_argument("--segments", type=int, default=16, help="Figs. 3-4: k-means segments per image [choice]")
-    p.add_argument("--strip", type=int, default=8, help="Fig. 3: segments shown per unknown prototype")
-    p.add_argument("--map-method", type=int, default=None, help="Fig. 4: index of the method (default: CLIP-S4)")
-    p.add_argument("--map-cells", type=int, default=24, help="Fig. 4: at most one patch per cell of a C x C grid")
-    p.add_argument("--frame", choices=["model", "truth"], default="model",
-                   help="Fig. 4: unknown = assigned to no known name by the method (model), or ground truth "
-                        "withheld / unlabelled (truth) [choice: the paper does not say]")
-    p.add_argument("--assign", choices=["clip", "student"], default="clip",
-                   help="Figs. 3-4, CLIP-S4 runs: which embedding of a segment picks its unknown prototype: "
-                        "CLIP's, as in training (clip), or the trained network's (student) [choice]")
-    p.add_argument("--tau", type=float, default=0.5, help="Fig. 4 --frame model, methods without unknown "
-                   "prototypes: a segment is unknown when its softmax (scale 100) over known names is below tau")
+    p.add_argument("--pass-images", type=int, default=200,
+                   help="Figs. 2-4: images in the embedding pass (0: all)")
+    p.add_argument("--segments", type=int, default=16,
+                   help="Figs. 3-4: k-means segments per image [choice]")
+    p.add_argument("--strip", type=int, default=8,
+                   help="Fig. 3: segments shown per unknown prototype")
+    p.add_argument("--map-method", type=int, default=None,
+                   help="Fig. 4: index of the method (default: CLIP-S4)")
+    p.add_argument("--map-cells", type=int, default=24,
+                   help="Fig. 4: at most one patch per cell of a C x C grid")
+    p.add_argument(
+        "--frame",
+        choices=["model", "truth"],
+        default="model",
+        help="Fig. 4: unknown = assigned to no known name by the method (model), or ground truth "
+        "withheld / unlabelled (truth) [choice: the paper does not say]",
+    )
+    p.add_argument(
+        "--assign",
+        choices=["clip", "student"],
+        default="clip",
+        help="Figs. 3-4, CLIP-S4 runs: which embedding of a segment picks its unknown prototype: "
+        "CLIP's, as in training (clip), or the trained network's (student) [choice]",
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=0.5,
+        help="Fig. 4 --frame model, methods without unknown "
+        "prototypes: a segment is unknown when its softmax (scale 100) over known names is "
+        "below tau",
+    )
     # Output
     p.add_argument("--out-dir", default="out/figures")
     p.add_argument("--dpi", type=int, default=130)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return resolve_clip_args(p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------
 # Methods: what each column of the figures is
 # ----------------------------------------------------------------------------------------------
 def load_methods(args, device, names):
-    """A list of dicts: label, embed (images -> unit features), stride, size, teacher, text (K, D) of
-    the dataset's names, known (names given in training), unknown (UnknownPrototypes or None)."""
+    """A list of dicts: label, embed (images -> unit features), stride, size, teacher, text (K, D)
+    of the dataset's names, known (names given in training), unknown (UnknownPrototypes or None)."""
     if not args.method and not args.checkpoint:
         raise UserError("give --method maskclip and/or --checkpoint PATH [PATH ...]")
     if len(args.checkpoint) > 3:
         raise UserError(f"--checkpoint: at most three, got {len(args.checkpoint)}")
-    methods, side = [], args.size or EVAL_SIDE.get(args.dataset, 512)
+    methods, side = [], EVAL_SIDE.get(args.dataset, 512)
     for path in args.checkpoint:
         f, teacher, run = load_run(path, device)
         unknown = None
         if run["method"] == "clip-s4" and run["unknown"]["protos"].shape[0] > 0:
-            a = run["args"]  # the rule of training: its tau, and its scale (0: CLIP's own; older runs: 100)
-            unknown = UnknownPrototypes(*run["unknown"]["protos"].shape, tau=a["unknown_tau"],
-                                        scale=a.get("unknown_scale", 100.0) or float(teacher.clip.logit_scale.exp()))
+            a = run["args"]  # the rule of training: its tau, and its scale (0: CLIP's own)
+            unknown = UnknownPrototypes(
+                *run["unknown"]["protos"].shape,
+                tau=a["unknown_tau"],
+                scale=a["unknown_scale"] or float(teacher.clip.logit_scale.exp()),
+            )
             unknown.load_state_dict(run["unknown"])
             unknown = unknown if bool(unknown.started) else None
-        methods.append(dict(label=PRETTY.get(run["method"], run["method"]), embed=f, stride=f.stride, size=side,
-                            teacher=teacher, known=[c.split(";")[0] for c in run["known"]], unknown=unknown,
+        size = args.size or run["args"]["eval_size"] or side
+        methods.append(dict(label=PRETTY.get(run["method"], run["method"]), embed=f,
+                            stride=f.stride, size=size,
+                            teacher=teacher, known=[c.split(";")[0] for c in run["known"]],
+                            unknown=unknown,
                             trained=True))
         if unknown is not None:  # the text side of the modality-gap shift, as in training
             methods[-1]["unknown_text"] = class_embeddings(teacher, run["known"])
@@ -109,7 +153,8 @@ def load_methods(args, device, names):
             args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device)).to(device)
         known = [n for n in names if n not in args.unknown_classes]
         methods.insert(0, dict(label="MaskCLIP", embed=teacher.dense, stride=teacher.stride,
-                               size=args.teacher_size or side, teacher=teacher, known=known, unknown=None,
+                               size=args.teacher_size or side, teacher=teacher, known=known,
+                               unknown=None,
                                trained=False))
     labels = args.labels or [m["label"] for m in methods]
     if len(labels) != len(methods):
@@ -179,14 +224,16 @@ def figure_qualitative(methods, base, picks, class_names, known, dataset_names):
     legend_in = 0.45 + 0.25 * (1 + (K - 1) // 7)  # inches for the legend under the panels
     fig, axes = plt.subplots(len(picks), len(cols), squeeze=False,
                              figsize=(2.3 * len(cols), 2.3 * len(picks) + legend_in))
-    text = [m["teacher"].text_prototypes(class_names) for m in methods]  # (protos, owner) per method
+    # (protos, owner) per method
+    text = [m["teacher"].text_prototypes(class_names) for m in methods]
     for r, i in enumerate(tqdm(picks, desc="Fig. 1")):
         item = base[i]
         img, H, W = item["image"], *item["label"].shape
         panels = [img] + ([colours[remap[item["label"]]]] if has_gt else [])
         for m, (protos, owner) in zip(methods, text):
             scores = class_scores(features(m, img)[None].to(protos.device), protos, owner, K)
-            pred = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
+            pred = F.interpolate(scores, size=(H, W), mode="bilinear",
+                                 align_corners=False)[0].argmax(0).cpu()
             panels.append(colours[pred.numpy()])
         for c, (ax, pic) in enumerate(zip(axes[r], panels)):
             ax.imshow(pic)
@@ -195,7 +242,8 @@ def figure_qualitative(methods, base, picks, class_names, known, dataset_names):
                 ax.set_title(cols[c], fontsize=10)
         axes[r, 0].set_ylabel(item["id"], fontsize=8)
     handles = [Patch(facecolor=colours[k] / 255, edgecolor="k",
-                     label=n if n in known else f"{n} (unknown)") for k, n in enumerate(class_names)]
+                     label=n if n in known else f"{n} (unknown)") for k,
+                     n in enumerate(class_names)]
     fig.legend(handles=handles, loc="lower center", ncol=min(K, 7), fontsize=9, frameon=False,
                title="names segmented with  ((unknown): not given in training)", title_fontsize=9)
     fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
@@ -206,9 +254,9 @@ def figure_qualitative(methods, base, picks, class_names, known, dataset_names):
 # The embedding pass (Figs. 2-4): class means, segments, patches
 # ----------------------------------------------------------------------------------------------
 def embedding_pass(methods, base, idx, args, K):
-    """For each method: per-class mean pixel embedding (K, D) (zero where a class is absent; counts (K,)),
-    and its segments: embeddings (S, D), majority ground-truth class (S,) (-1: unlabelled), patches
-    (S, 48, 48, 3), and for CLIP-S4 runs CLIP's embedding of each segment, cs (S, D)."""
+    """For each method: per-class mean pixel embedding (K, D) (zero where a class is absent; counts
+    (K,)), and its segments: embeddings (S, D), majority ground-truth class (S,) (-1: unlabelled),
+    patches (S, 48, 48, 3), and for CLIP-S4 runs CLIP's embedding of each segment, cs (S, D)."""
     out = []
     for m in methods:
         D = m["text"].shape[1]
@@ -218,22 +266,29 @@ def embedding_pass(methods, base, idx, args, K):
             item = base[i]
             feats = features(m, item["image"])  # (D, h, w)
             lab = torch.from_numpy(item["label"]).long()
-            small = F.interpolate(lab[None, None].float(), size=feats.shape[1:], mode="nearest")[0, 0].long()
+            small = F.interpolate(lab[None, None].float(), size=feats.shape[1:], mode="nearest")[
+                0, 0
+            ].long()
             small = torch.where(small == IGNORE, K, small).flatten()  # ignore -> row K
             sums.index_add_(0, small, feats.flatten(1).T)
             counts += torch.bincount(small, minlength=K + 1).float()
             seg, emb = image_segments(feats[None], args.segments, 20)
-            if m["unknown"] is not None:  # CLIP's embedding of the same segments, c_s (training's rule)
-                x = resize_for_teacher(item["image"], args.teacher_size or m["size"], m["teacher"].stride, 2048)
+            # CLIP's embedding of the same segments, c_s (training's rule)
+            if m["unknown"] is not None:
+                x = resize_for_teacher(item["image"],
+                                       args.teacher_size or EVAL_SIDE.get(args.dataset, 512),
+                                      m["teacher"].stride, 2048)
                 clip_map = m["teacher"].dense(x[None])[0].float().cpu()
-                clip_map = F.interpolate(clip_map, size=feats.shape[1:], mode="bilinear", align_corners=False)
+                clip_map = F.interpolate(clip_map, size=feats.shape[1:], mode="bilinear",
+                                         align_corners=False)
                 cs.append(segment_means(clip_map, seg))
             gt, ids = majority_labels(seg.ids[0], lab, K, seg.count)
             gts.append(gt)
             embs.append(emb)
             patches += [thumbnail(item["image"], ids.numpy(), s) for s in range(seg.count)]
         out.append(dict(means=F.normalize(sums[:K], dim=1), counts=counts[:K], emb=torch.cat(embs),
-                        gt=torch.cat(gts), patches=np.stack(patches), cs=torch.cat(cs) if cs else None))
+                        gt=torch.cat(gts), patches=np.stack(patches),
+                        cs=torch.cat(cs) if cs else None))
     return out
 
 
@@ -245,7 +300,8 @@ def umap_2d(x, seed):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import umap
-        reducer = umap.UMAP(n_neighbors=max(2, min(15, len(x) - 1)), metric="cosine", random_state=seed,
+        reducer = umap.UMAP(n_neighbors=max(2, min(15, len(x) - 1)), metric="cosine",
+                            random_state=seed,
                             init="random" if len(x) < 30 else "spectral")
         xy = reducer.fit_transform(np.asarray(x, np.float32))
     torch.set_num_threads(threads)
@@ -257,7 +313,9 @@ def umap_2d(x, seed):
 # ----------------------------------------------------------------------------------------------
 def figure_umap(methods, passes, names, seed):
     import matplotlib.pyplot as plt
-    present = (torch.stack([p["counts"] for p in passes]).min(0).values > 0).nonzero().squeeze(1).tolist()
+    present = (
+        (torch.stack([p["counts"] for p in passes]).min(0).values > 0).nonzero().squeeze(1).tolist()
+    )
     text = methods[0]["text"].cpu()[present]
     points = torch.cat([p["means"][present] for p in passes] + [text]).numpy()
     xy = umap_2d(points, seed)
@@ -274,12 +332,14 @@ def figure_umap(methods, passes, names, seed):
             ax.plot([a[0], b[0]], [a[1], b[1]], color=colours[j], lw=0.6, alpha=0.5)
         ax.scatter(pts[:, 0], pts[:, 1], marker=markers[j], s=45, color=colours[j],
                    label=f"{m['label']} pixel mean (mean cos to text {align:.2f})")
-    ax.scatter(txt_xy[:, 0], txt_xy[:, 1], marker="*", s=160, color="k", label="CLIP text embedding")
+    ax.scatter(txt_xy[:, 0], txt_xy[:, 1], marker="*", s=160, color="k",
+               label="CLIP text embedding")
     for k, (x, y) in zip(present, txt_xy):
         ax.annotate(names[k], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9)
     ax.set_xticks([]), ax.set_yticks([])
     ax.legend(loc="best", fontsize=9)
-    ax.set_title(f"Average pixel embedding per class, projected with the text embeddings (UMAP, {n} classes)")
+    ax.set_title(f"Average pixel embedding per class, projected with the text embeddings (UMAP, "
+                 f"{n} classes)")
     fig.tight_layout()
     return fig, summary
 
@@ -289,7 +349,7 @@ def figure_umap(methods, passes, names, seed):
 # ----------------------------------------------------------------------------------------------
 def figure_unknown(m, p, names, assigned, strip):
     """One row per unknown prototype that validation segments were assigned to (see assign_unknown),
-    its best segments first; the label says how many and which ground-truth class most of them are."""
+    its best segments first; the label says how many and the ground-truth class most of them are."""
     import matplotlib.pyplot as plt
     _, proto, score = assigned
     rows = []
@@ -299,21 +359,27 @@ def figure_unknown(m, p, names, assigned, strip):
             sel = sel[score[sel].argsort(descending=True)]
             gt = p["gt"][sel]
             gt = gt[gt >= 0]
-            top = f"{names[int(gt.mode().values)]} {100 * float((gt == gt.mode().values).float().mean()):.0f}%" \
-                if len(gt) else "unlabelled"
-            rows.append((u, sel[:strip], f"u{u}: {len(sel)} segment{'s' * (len(sel) > 1)}\nmost: {top}"))
+            top = "unlabelled"
+            if len(gt):  # the ground truth most of the prototype's segments hold, and its share
+                mode = gt.mode().values
+                top = f"{names[int(mode)]} {100 * float((gt == mode).float().mean()):.0f}%"
+            rows.append((u, sel[:strip],
+                         f"u{u}: {len(sel)} segment{'s' * (len(sel) > 1)}\nmost: {top}"))
     if not rows:
         return None, 0
     rows.sort(key=lambda r: -len(r[1]))
-    fig, axes = plt.subplots(len(rows), strip, figsize=(1.2 * strip + 1.6, 1.25 * len(rows) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(rows), strip, figsize=(1.2 * strip + 1.6, 1.25 * len(rows) + 0.6),
+                             squeeze=False)
     for r, (u, sel, label) in enumerate(rows):
         for c in range(strip):
             ax = axes[r, c]
             ax.axis("off")
             if c < len(sel):
                 ax.imshow(p["patches"][int(sel[c])])
-        axes[r, 0].text(-0.15, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"{m['label']}: learned unknown classes (validation segments, best first)", fontsize=10)
+        axes[r, 0].text(-0.15, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center",
+                        fontsize=8)
+    fig.suptitle(f"{m['label']}: learned unknown classes (validation segments, best first)",
+                 fontsize=10)
     fig.subplots_adjust(left=0.2, wspace=0.05, hspace=0.15)
     return fig, len(rows)
 
@@ -338,14 +404,16 @@ def figure_segment_map(m, p, is_known, cells, seed):
     ax.scatter(xy[:, 0], xy[:, 1], s=4, c=np.where(is_known, GREEN, ORANGE).tolist(), alpha=0.4)
     for s in chosen:
         box = AnnotationBbox(OffsetImage(p["patches"][s], zoom=0.75), xy[s], frameon=True, pad=0.1,
-                             bboxprops=dict(edgecolor=GREEN if is_known[s] else ORANGE, linewidth=2))
+                             bboxprops=dict(edgecolor=GREEN if is_known[s] else ORANGE,
+                                            linewidth=2))
         ax.add_artist(box)
     pad = 0.06 * (hi - lo)
     ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0]), ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
     ax.set_xticks([]), ax.set_yticks([])
     n_known = int(is_known.sum())
     ax.legend(handles=[Line2D([], [], color=GREEN, lw=3, label=f"known class ({n_known} segments)"),
-                       Line2D([], [], color=ORANGE, lw=3, label=f"unknown class ({len(xy) - n_known} segments)")],
+                       Line2D([], [], color=ORANGE, lw=3,
+                              label=f"unknown class ({len(xy) - n_known} segments)")],
               loc="upper right")
     ax.set_title(f"{m['label']}: {len(xy)} validation segments (UMAP), {len(chosen)} drawn")
     fig.tight_layout()
@@ -354,12 +422,13 @@ def figure_segment_map(m, p, is_known, cells, seed):
 
 def figure_facts(fig):
     """What a drawn figure contains, read back from its artists (for the tests and the caller):
-    image panels, panel titles, legend entries, text labels, and the frame colours of image boxes."""
+    image panels, panel titles, legend entries, text labels and the frame colours of image boxes."""
     from matplotlib.colors import to_hex
     from matplotlib.offsetbox import AnnotationBbox
     legends = list(fig.legends) + [a.get_legend() for a in fig.axes if a.get_legend()]
     boxes = [b for a in fig.axes for b in a.artists if isinstance(b, AnnotationBbox)]
-    return {"panels": sum(1 for a in fig.axes if a.images), "titles": [a.get_title() for a in fig.axes],
+    return {"panels": sum(1 for a in fig.axes if a.images),
+            "titles": [a.get_title() for a in fig.axes],
             "legend": [t.get_text() for lg in legends for t in lg.get_texts()],
             "texts": [t.get_text() for a in fig.axes for t in a.texts],
             "frames": [to_hex(b.patch.get_edgecolor()) for b in boxes]}
@@ -376,7 +445,8 @@ def main(args):
     # The run whose training split marks names known / unknown: a CLIP-S4 with unknown prototypes,
     # else the last checkpoint, else the teacher with --unknown-classes.
     trained = [m for m in methods if m["trained"]]
-    ref = next((m for m in methods if m["unknown"] is not None), trained[-1] if trained else methods[0])
+    ref = next((m for m in methods if m["unknown"] is not None),
+               trained[-1] if trained else methods[0])
     known = set(ref["known"])
     known_idx = [k for k, n in enumerate(names) if n in known]
     out = Path(args.out_dir)
@@ -399,7 +469,8 @@ def main(args):
                 raise UserError(f"--image-ids: {missing} not in {args.dataset} {args.split}")
             picks = [ids.index(i) for i in args.image_ids]
         else:
-            picks = sorted(rng.choice(len(base), min(args.images, len(base)), replace=False).tolist())
+            picks = sorted(rng.choice(len(base), min(args.images, len(base)),
+                                      replace=False).tolist())
         class_names = args.classes or names
         if len(set(class_names)) != len(class_names):
             raise UserError("--classes: a name is given twice")
@@ -410,17 +481,22 @@ def main(args):
         passes = embedding_pass(methods, base, idx, args, len(names))
         if 2 in args.figures:
             fig, align = figure_umap(methods, passes, names, args.seed)
-            print("mean cosine of class means to text: " + ", ".join(f"{k} {v:.3f}" for k, v in align.items()))
+            print(
+                "mean cosine of class means to text: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in align.items())
+            )
             save(fig, "embeddings_umap.png")
         if 3 in args.figures:
             j = next((j for j, m in enumerate(methods) if m["unknown"] is not None), None)
             if j is None:
-                print("Fig. 3 skipped: no CLIP-S4 checkpoint with learned unknown prototypes among the methods")
+                print("Fig. 3 skipped: no CLIP-S4 checkpoint with learned unknown prototypes "
+                      "among the methods")
             else:
                 assigned = assign_unknown(methods[j], passes[j], known_idx, args.assign, args.tau)
                 fig, n_rows = figure_unknown(methods[j], passes[j], names, assigned, args.strip)
                 if fig is None:
-                    print(f"Fig. 3 skipped: no validation segment went to an unknown prototype (--assign {args.assign})")
+                    print(f"Fig. 3 skipped: no validation segment went to an unknown prototype "
+                          f"(--assign {args.assign})")
                 else:
                     save(fig, "unknown_classes.png")
         if 4 in args.figures:
@@ -432,7 +508,8 @@ def main(args):
                 is_known = np.array([g >= 0 and names[g] in known for g in p["gt"].tolist()])
             else:
                 is_known = ~assign_unknown(m, p, known_idx, args.assign, args.tau)[0].numpy()
-            save(figure_segment_map(m, p, is_known, args.map_cells, args.seed)[0], "segment_map.png")
+            save(figure_segment_map(m, p, is_known, args.map_cells, args.seed)[0],
+                 "segment_map.png")
     return written
 
 

@@ -8,12 +8,15 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # a test never waits on the network
 
 TINY_VIT = {"embed_dim": 32, "quick_gelu": False,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8,
+                           "head_width": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                         "layers": 2}}
 TINY_RN = {"embed_dim": 32, "quick_gelu": False,
            "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None,
                           "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                        "layers": 2}}
 
 
 def write_config(folder, name, cfg):

@@ -34,14 +34,21 @@ def test_voc_layout_counts_and_background(tmp_path):
     val20 = data.SegDataset("voc", tmp_path, "val")
     val21 = data.SegDataset("voc", tmp_path, "val", background=True)
     assert len(train) == 2 and len(val20) == 1
-    assert len(val20.classes) == 20 and val20.classes[15] == "potted plant" and len(val21.classes) == 21
-    np.testing.assert_array_equal(val20[0]["label"], [[255, 0, 255], [19, 14, 255]])  # background ignored
+    assert (
+        len(val20.classes) == 20
+        and val20.classes[15] == "potted plant"
+        and len(val21.classes) == 21
+    )
+    # background ignored
+    np.testing.assert_array_equal(val20[0]["label"], [[255, 0, 255], [19, 14, 255]])
     np.testing.assert_array_equal(val21[0]["label"], [[0, 1, 255], [20, 15, 0]])
 
 
 def test_context_layout_and_folds(tmp_path):
     base = tmp_path / "VOCdevkit/VOC2010"
-    write_pair(base / "JPEGImages", base / "SegmentationClassContext", "x", np.array([[0, 1], [59, 30]]))
+    write_pair(
+        base / "JPEGImages", base / "SegmentationClassContext", "x", np.array([[0, 1], [59, 30]])
+    )
     (base / "ImageSets/SegmentationContext").mkdir(parents=True)
     (base / "ImageSets/SegmentationContext/val.txt").write_text("x\n")
     ds = data.SegDataset("context", tmp_path, "val")
@@ -67,7 +74,9 @@ def make_folder(root, labels):
     for i, lab in enumerate(labels):
         write_pair(root / "JPEGImages", root / "SegmentationClass", f"im{i}", lab, ext=".png")
     (root / "ImageSets/Segmentation").mkdir(parents=True)
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(f"im{i}" for i in range(len(labels))))
+    (root / "ImageSets/Segmentation/val.txt").write_text(
+        "\n".join(f"im{i}" for i in range(len(labels)))
+    )
     (root / "classes.txt").write_text("sky\ngrass;lawn\n")
 
 
@@ -164,7 +173,8 @@ def test_two_views_sample_and_superpixel_cache(tmp_path, monkeypatch):
     s1 = tv[1]
     assert s["regions"].min() >= 0 and len(list((tmp_path / "slic").iterdir())) == 2
     import skimage.segmentation
-    monkeypatch.setattr(skimage.segmentation, "slic", lambda *a, **k: pytest.fail("superpixels recomputed"))
+    monkeypatch.setattr(skimage.segmentation, "slic", lambda *a,
+                        **k: pytest.fail("superpixels recomputed"))
     again = tv[0]
     for k in ("views", "boxes", "flips", "regions"):
         assert torch.equal(again[k], s[k])  # same seed, same sample

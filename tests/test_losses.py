@@ -47,15 +47,18 @@ def test_kmeans_segments_structure_and_hand_case():
 
 
 def test_image_segments_position_weight():
-    """knn.py --kmeans-lambda: with weight 0 the evaluation k-means sees the embeddings alone, so a map
-    of two flat parts split along a diagonal gives exactly those two parts; with the default weight 1
-    the 36 segments are also compact in position, so they cut the parts into many."""
+    """knn.py --kmeans-lambda: with weight 0 the evaluation k-means sees the embeddings alone, so a
+    map of two flat parts split along a diagonal gives exactly those two parts; with the default
+    weight 1 the 36 segments are also compact in position, so they cut the parts into many."""
     z = torch.zeros(1, 4, 12, 12)
-    part = torch.triu(torch.ones(12, 12, dtype=torch.bool), diagonal=3)  # the upper right, off the grid lines
+    # the upper right, off the grid lines
+    part = torch.triu(torch.ones(12, 12, dtype=torch.bool), diagonal=3)
     z[0, 0][part], z[0, 1][~part] = 1.0, 1.0
     seg, emb = L.image_segments(z, 36, 20, lam=0.0)
     assert seg.count == 2 and len(emb) == 2
-    assert (seg.ids[0][part] == seg.ids[0][part][0]).all() and (seg.ids[0][~part] != seg.ids[0][part][0]).all()
+    assert (seg.ids[0][part] == seg.ids[0][part][0]).all() and (
+        seg.ids[0][~part] != seg.ids[0][part][0]
+    ).all()
     seg, _ = L.image_segments(z, 36, 20, lam=1.0)
     assert seg.count > 20
     for s in range(seg.count):  # still never a segment across the two parts
@@ -63,14 +66,15 @@ def test_image_segments_position_weight():
 
 
 def test_regions_on_grid_reads_cell_centres():
-    """Cell i of a stride-8 grid takes the region at pixel 8i + 4, the middle of its block: a boundary
-    at column 13 puts cell 1 (pixels 8-15, centre 12) on the left of it, at column 12 on the right."""
+    """Cell i of a stride-8 grid takes the region at pixel 8i + 4, the middle of its block: a
+    boundary at column 13 puts cell 1 (pixels 8-15, centre 12) left of it, at 12 right of it."""
     for edge, cell1 in ((13, 0), (12, 1)):
         r = torch.zeros(1, 16, 24, dtype=torch.long)
         r[..., edge:] = 1
         grid = L.regions_on_grid(r, (2, 3))
         assert grid.tolist() == [[[0, cell1, 1]] * 2], (edge, grid.tolist())
-        assert L.regions_on_grid(r, (2, 3), "corner").tolist() == [[[0, 0, 1]] * 2]  # pixels 0, 8, 16
+        # pixels 0, 8, 16
+        assert L.regions_on_grid(r, (2, 3), "corner").tolist() == [[[0, 0, 1]] * 2]
 
 
 def reference_lc(z, regions, seg, pix, kappa, views=2):
@@ -105,8 +109,16 @@ def test_embedding_consistency_matches_loop():
     g = torch.Generator().manual_seed(0)
     zs = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
     cs = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
-    ref = sum(-math.log(math.exp(3 * float(zs[s] @ cs[s])) / sum(math.exp(3 * float(zs[s] @ cs[t]))
-                                                                  for t in range(5))) for s in range(5)) / 5
+    ref = (
+        sum(
+            -math.log(
+                math.exp(3 * float(zs[s] @ cs[s]))
+                / sum(math.exp(3 * float(zs[s] @ cs[t])) for t in range(5))
+            )
+            for s in range(5)
+        )
+        / 5
+    )
     assert float(L.embedding_consistency(zs, cs, kappa=3.0)) == pytest.approx(ref, rel=1e-9)
     cos_ref = sum(1 - float(zs[s] @ cs[s]) for s in range(5)) / 5
     assert float(L.embedding_consistency(zs, cs, form="cos")) == pytest.approx(cos_ref, rel=1e-9)
@@ -154,7 +166,10 @@ def test_gradients():
 def test_unknown_prototypes_labels_update_and_shift():
     text = torch.eye(5)[:3]  # three known classes along axes 0, 1, 2
     up = L.UnknownPrototypes(num=2, dim=5, momentum=0.5, tau=0.5, dead_after=2)
-    cs = F.normalize(torch.tensor([[0, 1.0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0.9, 0.1], [0, 0, 0, 0.1, 1]]), dim=1)
+    cs = F.normalize(
+        torch.tensor([[0, 1.0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0.9, 0.1], [0, 0, 0, 0.1, 1]]),
+        dim=1,
+    )
     y, unknown = up.targets(cs, text)
     assert unknown.tolist() == [False, True, True, True] and int(y[0]) == 1
     up.update(cs, unknown, torch.Generator().manual_seed(0))
@@ -178,3 +193,45 @@ def test_pseudo_label_loss_is_cross_entropy():
     keep = labels >= 0
     ref = F.cross_entropy(logits.permute(0, 2, 3, 1)[keep], labels[keep])
     torch.testing.assert_close(L.pseudo_label_loss(z, labels, text, 5.0), ref)
+
+
+def test_clip_s4_objective_is_the_weighted_sum_of_its_terms():
+    """L = lambda_c L_c + lambda_e L_e + lambda_s L_s, each term the function tested above against a
+    loop; a weight of 0 leaves its term out."""
+    z, regions = toy_batch()
+    clip_map = F.normalize(torch.randn(z.shape, generator=torch.Generator().manual_seed(3),
+                                       dtype=torch.float64), dim=1)
+    seg = L.kmeans_segments(z, regions, grid=(2, 2), iters=3)
+    pix = L.pixel_sample(seg, 20, torch.Generator().manual_seed(1))
+    text = F.normalize(torch.randn(3, z.shape[1], generator=torch.Generator().manual_seed(4),
+                                   dtype=torch.float64), dim=1)
+    unknown = L.UnknownPrototypes(0, z.shape[1], tau=0.0).double()  # every segment known
+    lam = {"c": 0.5, "e": 2.0, "s": 3.0}
+    total, terms, cs, is_unknown = L.clip_s4_objective(z, seg, regions, pix, clip_map, text,
+                                                       unknown, lam, 10.0, 7.0, 20.0, "nce", 2)
+    ref_cs = L.segment_means(clip_map, seg)
+    targets, _ = unknown.targets(ref_cs, text)
+    ref = {"c": L.pixel_segment_contrastive(z, seg, regions, pix, 10.0, 2),
+           "e": L.embedding_consistency(L.segment_means(z, seg), ref_cs, 7.0, "nce"),
+           "s": L.semantic_consistency(z, seg, pix, targets, text, 20.0)}
+    for k in ref:
+        torch.testing.assert_close(terms[k], ref[k])
+    torch.testing.assert_close(total, 0.5 * ref["c"] + 2.0 * ref["e"] + 3.0 * ref["s"])
+    torch.testing.assert_close(cs, ref_cs)
+    assert not is_unknown.any()
+    _, terms, _, _ = L.clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown,
+                                         {"c": 1.0, "e": 1.0, "s": 0.0})
+    assert set(terms) == {"c", "e"}
+
+
+def test_maskclip_plus_objective_labels_from_teacher_then_self():
+    z, regions = toy_batch()
+    clip_map = F.normalize(torch.randn(z.shape, generator=torch.Generator().manual_seed(5),
+                                       dtype=torch.float64), dim=1)
+    text = F.normalize(torch.randn(3, z.shape[1], dtype=torch.float64), dim=1)
+    for source, self_training in ((clip_map, False), (z, True)):
+        labels = torch.einsum("bdhw,kd->bkhw", source, text).argmax(1)
+        labels[regions < 0] = -1  # padding is never a target
+        total, terms = L.maskclip_plus_objective(z, clip_map, regions, text, 5.0, self_training)
+        torch.testing.assert_close(total, L.pseudo_label_loss(z, labels, text, 5.0))
+        assert set(terms) == {"p"}

@@ -103,8 +103,8 @@ def test_teacher_dense_is_unit_norm_any_size(which, tiny_configs):
 
 
 def test_teacher_follows_its_clip_device(tiny_configs):
-    """MaskCLIP wrapped around a CLIP that was already moved keeps its normalisation on the same device
-    (the meta device stands in for CUDA here: no memory, no GPU needed)."""
+    """MaskCLIP wrapped around a CLIP that was already moved keeps its normalisation on the same
+    device (the meta device stands in for CUDA here: no memory, no GPU needed)."""
     clip, info = M.load_clip(pretrained="none", config=tiny_configs["vit"])
     teacher = M.MaskCLIP(clip.to("meta"), info)
     assert teacher.mean.device.type == "meta" and teacher.device.type == "meta"
@@ -126,13 +126,17 @@ def test_templates_file():
 
 
 def test_text_prototypes_reference_synonyms_and_cache(vit, tmp_path, monkeypatch):
-    teacher = M.MaskCLIP(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None, "quick_gelu": False})
+    teacher = M.MaskCLIP(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None,
+                               "quick_gelu": False})
     templates = ["a photo of a {}.", "this is the {} in the scene.", "{}"]
-    protos, owner = teacher.text_prototypes(["sky", "tv monitor;television"], templates, cache_dir=tmp_path)
+    protos, owner = teacher.text_prototypes(["sky", "tv monitor;television"], templates,
+                                            cache_dir=tmp_path)
     assert protos.shape == (3, 32) and owner.tolist() == [0, 1, 1]
     torch.testing.assert_close(protos.norm(dim=1), torch.ones(3))
     with torch.no_grad():  # the obvious way: one template at a time with open_clip's encode_text
-        e = F.normalize(vit.encode_text(teacher.tokenizer([t.format("television") for t in templates])), dim=-1)
+        e = F.normalize(
+            vit.encode_text(teacher.tokenizer([t.format("television") for t in templates])), dim=-1
+        )
     torch.testing.assert_close(protos[2], F.normalize(e.mean(0), dim=0), atol=1e-5, rtol=1e-5)
     # a fresh teacher reads the disk cache and never runs the text tower
     monkeypatch.setattr(M, "encode_text_fast", lambda *a, **k: pytest.fail("cache missed"))
@@ -140,6 +144,38 @@ def test_text_prototypes_reference_synonyms_and_cache(vit, tmp_path, monkeypatch
     p2, o2 = fresh.text_prototypes(["sky", "tv monitor;television"], templates, cache_dir=tmp_path)
     assert torch.equal(p2, protos) and torch.equal(o2, owner)
     assert len(list(tmp_path.glob("text_*.pt"))) == 1
+
+
+def test_unreadable_text_cache_is_computed_again(vit, tmp_path, capsys):
+    teacher = M.MaskCLIP(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None,
+                               "quick_gelu": False})
+    protos, _ = teacher.text_prototypes(["sky", "grass"], ["a {}."], cache_dir=tmp_path)
+    file = next(tmp_path.glob("text_*.pt"))
+    file.write_bytes(file.read_bytes()[:40])  # a write cut short
+    again, _ = M.MaskCLIP(vit, dict(teacher.info)).text_prototypes(
+        ["sky", "grass"], ["a {}."], cache_dir=tmp_path
+    )
+    assert "unreadable" in capsys.readouterr().out and torch.equal(again, protos)
+    assert torch.equal(torch.load(file, weights_only=True)[0], protos)  # and written again whole
+
+
+def test_clip_flags_default_to_the_toy_clip_on_the_toy_dataset():
+    import argparse
+    p = argparse.ArgumentParser()
+    M.add_clip_args(p)
+    p.add_argument("--dataset", default="voc")
+    p.add_argument("--data-root", default=None)
+    a = M.resolve_clip_args(p.parse_args(["--dataset", "toy", "--data-root", "/w"]))
+    assert (a.clip, a.clip_config, a.clip_pretrained) == (
+        "toyclip",
+        "/w/toyclip.json",
+        "/w/toyclip.pt",
+    )
+    # a choice made: kept
+    b = M.resolve_clip_args(p.parse_args(["--dataset", "toy", "--clip", "RN50"]))
+    assert (b.clip, b.clip_pretrained, b.clip_config) == ("RN50", "openai", None)
+    c = M.resolve_clip_args(p.parse_args([]))
+    assert (c.clip, c.clip_pretrained, c.clip_config) == ("ViT-B-16", "openai", None)
 
 
 def test_class_scores_takes_best_synonym():
@@ -160,7 +196,11 @@ def test_prompt_denoising_drops_unconfident_class():
     scores[0, 0] = 0.3  # class 0 wins everywhere, class 2 is close behind, class 1 never confident
     scores[0, 2, 0, 0] = 0.31
     out = M.prompt_denoising(scores, thresh=0.5)
-    assert torch.isinf(out[0, 1]).all() and torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 2]).all()
+    assert (
+        torch.isinf(out[0, 1]).all()
+        and torch.isfinite(out[0, 0]).all()
+        and torch.isfinite(out[0, 2]).all()
+    )
 
 
 def test_key_smoothing_matches_loop():
@@ -192,7 +232,9 @@ def test_openai_tag_gets_quickgelu_from_cache(vit, tmp_path, monkeypatch):
     """A tag whose weights were trained with QuickGELU builds QuickGELU even though the
     architecture's config says GELU; found in the hub cache with no network."""
     from open_clip import pretrained as P
-    monkeypatch.setitem(P._PRETRAINED, "tiny-vit", {"openai": P._pcfg(hf_hub="test/tiny-vit/", quick_gelu=True)})
+    monkeypatch.setitem(
+        P._PRETRAINED, "tiny-vit", {"openai": P._pcfg(hf_hub="test/tiny-vit/", quick_gelu=True)}
+    )
     fake_hub_cache(tmp_path, "test/tiny-vit", "open_clip_pytorch_model.bin", vit.state_dict())
     model, info = M.load_clip("tiny-vit", "openai", cache_dir=str(tmp_path))
     assert info["quick_gelu"] and is_quick(model)
@@ -207,18 +249,22 @@ def test_offline_uncached_tag_fails_fast_with_advice(tmp_path):
         M.load_clip("ViT-B-16", "openai", cache_dir=str(tmp_path))
     assert time.perf_counter() - t < 10
     msg = str(e.value)
-    assert "\n" not in msg and "--clip-pretrained" in msg and str(tmp_path) in msg and "openai" in msg
+    assert (
+        "\n" not in msg and "--clip-pretrained" in msg and str(tmp_path) in msg and "openai" in msg
+    )
 
 
 def test_local_fp16_and_torchscript_weights(vit, tiny_configs, tmp_path):
     half = tmp_path / "half.pt"
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in vit.state_dict().items()}, half)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in vit.state_dict().items()},
+               half)
     m, info = M.load_clip(pretrained=str(half), config=tiny_configs["vit"])
     assert not info["quick_gelu"] and m.visual.proj.dtype == torch.float32
     torch.testing.assert_close(m.visual.proj, vit.visual.proj.half().float())
     # OpenAI ships TorchScript archives: QuickGELU is chosen for them
     jit = tmp_path / "openai.pt"
-    traced = torch.jit.trace(vit, (torch.rand(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)), strict=False)
+    traced = torch.jit.trace(vit, (torch.rand(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)),
+                             strict=False)
     traced.save(str(jit))
     m, info = M.load_clip(pretrained=str(jit), config=tiny_configs["vit"])
     assert info["quick_gelu"] and is_quick(m)
@@ -248,8 +294,8 @@ def test_wrong_weights_file(rn, tiny_configs, tmp_path):
 
 def test_pixel_embedder_cells_centred_on_their_blocks():
     """Every script paints f's cell i over pixels [8i, 8i+8). The centre of mass of a cell's input
-    gradient (where the cell looks) must move from the trunk's own centre, pixel 8i, which checkpoints
-    from before the shift keep (shift=0), by 4 pixels down and right, to the middle of its block."""
+    gradient (where the cell looks) must move from the trunk's own centre, pixel 8i, which
+    checkpoints with shift=0 keep, by 4 pixels down and right, to the middle of its block."""
     torch.manual_seed(0)
     f = M.PixelEmbedder(8, "resnet18", "none", hidden=8, rates=(1, 1, 1, 1)).eval()
     old = M.PixelEmbedder(8, "resnet18", "none", hidden=8, rates=(1, 1, 1, 1), shift=0).eval()
@@ -260,10 +306,12 @@ def test_pixel_embedder_cells_centred_on_their_blocks():
     for net in (f, old):
         xi = x.clone().requires_grad_(True)
         z = net(xi)
-        g = sum(torch.autograd.grad((z[0, :, 8, 8] * torch.randn(8)).sum(), xi, retain_graph=True)[0][0].abs().sum(0)
+        g = sum(torch.autograd.grad((z[0, :, 8, 8] * torch.randn(8)).sum(), xi,
+                                    retain_graph=True)[0][0].abs().sum(0)
                 for _ in range(8))  # (128, 128)
         w = g / g.sum()
         centres.append(torch.stack([(w.sum(1) * at).sum(), (w.sum(0) * at).sum()]))  # (y, x)
     new, before = centres
     assert ((new - before - 4).abs() < 1).all(), (new, before)  # 4 pixels down and right
-    assert ((new - 68).abs() < 2.5).all() and ((before - 68).abs() > 3.5).all(), (new, before)  # cell 8: 64-71
+    # cell 8: 64-71
+    assert ((new - 68).abs() < 2.5).all() and ((before - 68).abs() > 3.5).all(), (new, before)

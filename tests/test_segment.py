@@ -1,4 +1,5 @@
-"""segment.py end to end on awkward images, and its failures (one line, non-zero, nothing written)."""
+"""segment.py end to end on awkward images, and its failures (one line, non-zero, nothing
+written)."""
 import os
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def test_load_image_modes(images):
     assert rgb.shape == (30, 50, 3) and rgb.dtype == np.uint8
     np.testing.assert_array_equal(data.load_image(images / "gray.png")[..., 2], rgb[..., 0])
     np.testing.assert_array_equal(data.load_image(images / "rgba.png"), rgb)
-    np.testing.assert_array_equal(data.load_image(images / "deep16.png")[..., 1], rgb[..., 0])  # 16 -> 8 bit
+    # 16 -> 8 bit
+    np.testing.assert_array_equal(data.load_image(images / "deep16.png")[..., 1], rgb[..., 0])
     assert data.load_image(images / "rotated.jpg").shape == (50, 30, 3)  # EXIF applied
 
 
@@ -67,7 +69,7 @@ def test_segment_every_kind_of_image(images, tiny_weights, tmp_path, capsys):
         assert lab.mode == "P" and lab.size[::-1] == data.load_image(f).shape[:2]
         assert np.asarray(lab).max() < 3
         assert Image.open(out / f"{f.stem}_overlay.png").mode == "RGB"
-        line = next(l for l in printed.splitlines() if l.startswith(f.name))
+        line = next(ln for ln in printed.splitlines() if ln.startswith(f.name))
         shares = [float(s.split()[-1].rstrip("%")) for s in line.split("|")[1].split(",")]
         assert sum(shares) == pytest.approx(100, abs=0.3)
 
@@ -84,8 +86,10 @@ def test_label_value_is_index_in_given_order(images, tiny_weights, tmp_path):
 
 
 def test_refinements_run(images, tiny_weights, tmp_path):
-    segment.main(segment.get_args([str(images / "rgb.png"), "--classes", "sky", "egg", "--key-smoothing",
-                                   "--prompt-denoising", "--out-dir", str(tmp_path), "--cache-dir", ""]
+    segment.main(segment.get_args([str(images / "rgb.png"), "--classes", "sky", "egg",
+                                   "--key-smoothing",
+                                   "--prompt-denoising", "--out-dir", str(tmp_path), "--cache-dir",
+                                   ""]
                                   + tiny_weights))
     assert (tmp_path / "rgb_labels.png").is_file()
 
@@ -96,7 +100,8 @@ def run_cli(args, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing", "not_image", "no_classes", "duplicate", "unknown_model", "offline"])
+@pytest.mark.parametrize("case", ["missing", "not_image", "no_classes", "duplicate",
+                                  "unknown_model", "offline"])
 def test_failures_are_one_line_and_write_nothing(case, images, tiny_weights, tmp_path):
     fake = tmp_path / "notes.jpg"
     fake.write_text("this is text, not a JPEG")
@@ -110,6 +115,6 @@ def test_failures_are_one_line_and_write_nothing(case, images, tiny_weights, tmp
         "offline": good + ["--classes", "sky"],  # default ViT-B-16 'openai', not cached here
     }[case]
     r = run_cli(args, tmp_path)
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert not (tmp_path / "out").exists()

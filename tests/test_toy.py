@@ -53,16 +53,24 @@ def test_micro_clip_learns_and_loads_like_any_checkpoint(toy_world):
 
 def test_segment_on_a_toy_image(toy_world, tmp_path, capsys):
     root, _ = toy_world
-    segment.main(segment.get_args([str(root / "JPEGImages" / "val_0000.png"), "--classes", *toy.CLASSES[:4],
+    segment.main(segment.get_args([str(root / "JPEGImages" / "val_0000.png"), "--classes",
+                                   *toy.CLASSES[:4],
                                    "--clip-config", str(root / "toyclip.json"), "--clip-pretrained",
-                                   str(root / "toyclip.pt"), "--size", "64", "--out-dir", str(tmp_path),
+                                   str(root / "toyclip.pt"), "--size", "64", "--out-dir",
+                                   str(tmp_path),
                                    "--cache-dir", ""]))
-    assert (tmp_path / "val_0000_labels.png").is_file() and "val_0000.png" in capsys.readouterr().out
+    assert (
+        tmp_path / "val_0000_labels.png"
+    ).is_file() and "val_0000.png" in capsys.readouterr().out
 
 
 def test_tagged_scenes_tag_what_covers_one_percent():
     images, tags = toy.tagged_scenes(20, 64, seed=5)
-    assert images.shape == (20, 3, 64, 64) and images.dtype == torch.uint8 and tags.shape == (20, len(toy.CLASSES))
+    assert (
+        images.shape == (20, 3, 64, 64)
+        and images.dtype == torch.uint8
+        and tags.shape == (20, len(toy.CLASSES))
+    )
     for i in range(20):  # the same scene drawn again by hand: tags = classes over 1% of its pixels
         img, lab, _, _ = toy.make_scene(np.random.default_rng([5, 2, i]), 64, 0.3)
         assert np.array_equal(images[i].permute(1, 2, 0).numpy(), img)
@@ -90,4 +98,5 @@ def test_toy_backbone_weights_load_into_f(toy_world):
     assert not any(k.startswith("fc.") for k in saved)
     f = M.PixelEmbedder(16, "resnet18", str(root / "resnet18_toy.pt"), hidden=8)
     torch.testing.assert_close(f.trunk.layer4[1].conv2.weight, saved["layer4.1.conv2.weight"])
-    assert f(torch.rand(1, 3, 32, 32)).shape == (1, 16, 4, 4)  # dilated: stride 8 with these weights
+    # dilated: stride 8 with these weights
+    assert f(torch.rand(1, 3, 32, 32)).shape == (1, 16, 4, 4)

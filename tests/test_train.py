@@ -1,29 +1,63 @@
-"""train.py on the micro toy world: every method runs, resume is exact, bad input is one line."""
+"""train.py on the micro toy world: every method runs, resume is exact (after Ctrl-C, a kill or a
+damaged checkpoint), validation and the toy preset, bad input is one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import model as M
 import train
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flags_for(root, out, *extra):
+    """train.py's command line of a micro run on the micro toy world (the preset does the rest)."""
+    return ["--dataset", "toy", "--data-root", str(root), "--size", "64", "--crop-size", "64",
+            "--backbone", "resnet18", "--backbone-weights", "none", "--head-dim", "32",
+            "--batch-size", "4",
+            "--workers", "0", "--unknown-protos", "4", "--max-pixels", "512", "--warmup", "2",
+            "--log-every", "5",
+            "--save-every", "5", "--eval-images", "8", "--out-dir", str(out), *extra]
+
 
 def args_for(root, out, *extra):
-    return train.get_args(["--dataset", "toy", "--data-root", str(root), "--clip-config", str(root / "toyclip.json"),
-                           "--clip-pretrained", str(root / "toyclip.pt"), "--size", "64", "--crop-size", "64",
-                           "--backbone", "resnet18", "--backbone-weights", "none", "--head-dim", "32",
-                           "--batch-size", "4", "--workers", "0", "--unknown-protos", "4", "--max-pixels", "512",
-                           "--warmup", "2", "--log-every", "5", "--save-every", "5", "--out-dir", str(out), *extra])
+    return train.get_args(flags_for(root, out, *extra))
+
+
+def run_script(argv, **kw):
+    """train.py in a child process, one thread, as a user would start it."""
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            **kw)
+
+
+def same_weights(a, b):
+    a, b = (torch.load(p, weights_only=False) for p in (a, b))
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["unknown"]["protos"], b["unknown"]["protos"])
 
 
 @pytest.mark.parametrize("method", ["clip-s4", "maskclip+", "segsort"])
 def test_methods_run_and_checkpoint_loads(toy_world, tmp_path, method):
     root, _ = toy_world
     train.main(args_for(root, tmp_path / method, "--method", method, "--iters", "5"))
-    lines = (tmp_path / method / "log.jsonl").read_text().splitlines()
-    assert len(lines) == 1 and '"step": 5' in lines[0]
+    lines = [json.loads(ln) for ln in (tmp_path / method / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 5] and "loss" in lines[0] and "eta_s" in lines[0]
+    assert 0 <= lines[1]["val_mIoU"] <= 100 and 0 < lines[1]["teacher_mIoU"] <= 100
     f, teacher, ck = M.load_run(tmp_path / method / "ckpt.pt")
     assert ck["step"] == 5 and ck["method"] == method
     z = f(torch.rand(1, 3, 64, 64))
-    assert z.shape == (1, 64, 8, 8) and torch.allclose(z.norm(dim=1), torch.ones(1, 8, 8), atol=1e-5)
+    assert z.shape == (1, 64, 8, 8) and torch.allclose(z.norm(dim=1), torch.ones(1, 8, 8),
+                                                       atol=1e-5)
 
 
 def test_aspp_rates_and_grid_travel_with_the_checkpoint(toy_world, tmp_path):
@@ -31,16 +65,56 @@ def test_aspp_rates_and_grid_travel_with_the_checkpoint(toy_world, tmp_path):
     train.main(args_for(root, tmp_path / "r", "--iters", "1", "--aspp-rates", "1", "2", "3", "4"))
     f, _, ck = M.load_run(tmp_path / "r" / "ckpt.pt")
     assert [conv.dilation for conv in f.aspp] == [(r, r) for r in (1, 2, 3, 4)] and f.shift == 4
-    with pytest.raises(train.UserError, match="aspp-rates"):  # same weight shapes, but another network
+    # same weight shapes, but another network
+    with pytest.raises(train.UserError, match="aspp-rates"):
         train.main(args_for(root, tmp_path / "r", "--iters", "2", "--resume"))
-    with pytest.raises(train.UserError, match="grid centre"):
-        train.main(args_for(root, tmp_path / "r", "--iters", "2", "--resume", "--aspp-rates", "1", "2", "3", "4",
+    with pytest.raises(train.UserError, match="grid centre"):  # the run's grid, in its words
+        train.main(args_for(root, tmp_path / "r", "--iters", "2", "--resume", "--aspp-rates", "1",
+                            "2", "3", "4",
                             "--grid", "corner"))
     # a checkpoint from before the flags existed rebuilds f with DeepLab-v2's rates and no shift
     del ck["args"]["aspp_rates"], ck["args"]["grid"]
     torch.save(ck, tmp_path / "old.pt")
     f, _, _ = M.load_run(tmp_path / "old.pt")
     assert [conv.dilation[0] for conv in f.aspp] == [6, 12, 18, 24] and f.shift == 0
+
+
+def test_toy_preset_fills_unset_flags_and_given_flags_win(tmp_path):
+    a = train.get_args(["--dataset", "toy"])
+    for k, v in train.PRESETS["toy"].items():
+        assert getattr(a, k) == (v.format(data_root="data/toy") if isinstance(v, str) else v), k
+    assert a.preset == {k: getattr(a, k) for k in train.PRESETS["toy"]}  # printed, in args.json
+    assert (a.backbone_weights, a.clip_config, a.clip_pretrained) == (
+        "data/toy/resnet18_toy.pt", "data/toy/toyclip.json", "data/toy/toyclip.pt")
+    b = train.get_args(["--dataset", "toy", "--iters", "7", "--data-root", "/w"])
+    assert b.iters == 7 and "iters" not in b.preset and b.backbone_weights == "/w/resnet18_toy.pt"
+    assert b.clip_config == "/w/toyclip.json"
+    v = train.get_args(["--dataset", "voc"])  # the paper's setting: no preset, the flags' defaults
+    assert v.preset == {} and (v.clip, v.clip_pretrained) == ("ViT-B-16", "openai")
+    assert (v.iters, v.crop_size, v.size, v.backbone, v.lr) == (20000, 336, 448, "resnet101", 3e-3)
+
+
+def test_validation_scores_equal_evaluate_py(toy_world, tmp_path):
+    """The val line of a run is evaluate.py's score on the same images: f, and the teacher once."""
+    import evaluate
+    root, _ = toy_world
+    train.main(args_for(root, tmp_path / "v", "--iters", "4", "--eval-every", "2"))
+    log = [json.loads(ln) for ln in (tmp_path / "v" / "log.jsonl").read_text().splitlines()]
+    val = [r for r in log if "val_mIoU" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    assert json.loads((tmp_path / "v" / "args.json").read_text())["preset"]
+    common = ["--dataset", "toy", "--data-root", str(root), "--limit", "8"]
+    run = str(tmp_path / "v" / "ckpt.pt")
+    student = evaluate.main(evaluate.get_args(common + ["--checkpoint", run]))
+    teacher = evaluate.main(evaluate.get_args(common + ["--method", "maskclip"]))
+    assert val[-1]["val_mIoU"] == pytest.approx(student["mIoU"])
+    assert val[-1]["val_pAcc"] == pytest.approx(student["pAcc"])
+    assert val[-1]["teacher_mIoU"] == pytest.approx(teacher["mIoU"])
+    best = max(val, key=lambda r: r["val_mIoU"])
+    assert torch.load(tmp_path / "v" / "ckpt.pt", weights_only=False)["best"] == {
+        "step": best["step"],
+        "mIoU": best["val_mIoU"],
+    }
 
 
 def test_resume_is_exact(toy_world, tmp_path):
@@ -57,11 +131,64 @@ def test_resume_is_exact(toy_world, tmp_path):
     assert torch.equal(a["unknown"]["protos"], b["unknown"]["protos"])
 
 
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(toy_world, tmp_path):
+    """SIGKILL as soon as step 5 is logged (the checkpoint of step 5 may be half written), then the
+    same command with --resume: the final weights are those of a run that was never killed."""
+    root, _ = toy_world
+    flags = ["--iters", "8", "--save-every", "1", "--log-every", "1", "--eval-every", "0"]
+    straight = run_script(flags_for(root, tmp_path / "straight", *flags))
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()[-2000:]
+    killed = run_script(flags_for(root, tmp_path / "killed", *flags))
+    for line in killed.stdout:
+        if line.startswith("step 5/8"):
+            os.kill(killed.pid, signal.SIGKILL)
+            break
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    newest = [
+        p for p in (tmp_path / "killed" / n for n in ("ckpt.pt", "ckpt_prev.pt")) if p.exists()
+    ][0]
+    # only ckpt_prev.pt between the two renames
+    step = torch.load(newest, weights_only=False)["step"]
+    assert 3 <= step <= 5
+    again = run_script(flags_for(root, tmp_path / "killed", *flags, "--resume"))
+    out = again.stdout.read()
+    assert again.wait(timeout=300) == 0, out[-2000:]
+    assert f"resumed {tmp_path / 'killed'} at step {step}" in out
+    same_weights(tmp_path / "straight" / "ckpt.pt", tmp_path / "killed" / "ckpt.pt")
+    steps = [
+        json.loads(ln)["step"]
+        for ln in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 9))  # the lines a killed run wrote past its checkpoint are gone
+
+
+def test_damaged_checkpoint_falls_back_to_the_one_before(toy_world, tmp_path, capsys):
+    root, _ = toy_world
+    flags = ["--iters", "10", "--save-every", "2", "--eval-every", "0"]
+    train.main(args_for(root, tmp_path / "straight", *flags))
+    run = tmp_path / "cut"
+    train.main(args_for(root, run, *flags, "--stop-after", "6"))
+    assert torch.load(run / "ckpt_prev.pt", weights_only=False)["step"] == 4
+    ckpt = (run / "ckpt.pt").read_bytes()
+    (run / "ckpt.pt").write_bytes(ckpt[: len(ckpt) // 2])  # a copy cut short, a full disk
+    capsys.readouterr()
+    train.main(args_for(root, run, *flags, "--resume"))
+    out = capsys.readouterr().out
+    assert "ckpt.pt: cannot read it" in out and f"resumed {run} at step 4" in out
+    same_weights(tmp_path / "straight" / "ckpt.pt", run / "ckpt.pt")
+    # nothing readable left: one line, no traceback
+    for p in (run / "ckpt.pt", run / "ckpt_prev.pt"):
+        p.write_bytes(b"not a checkpoint")
+    with pytest.raises(train.UserError, match="no readable checkpoint"):
+        train.main(args_for(root, run, *flags, "--resume"))
+
+
 def test_class_free_names_and_errors(toy_world, tmp_path):
     root, _ = toy_world
     train.main(args_for(root, tmp_path / "cf", "--iters", "2", "--unknown-classes", "ball", "star"))
     ck = torch.load(tmp_path / "cf" / "ckpt.pt", weights_only=False)
-    assert ck["withheld"] == ["ball", "star"] and "ball" not in ck["known"] and len(ck["known"]) == 12
+    assert ck["withheld"] == ["ball",
+                              "star"] and "ball" not in ck["known"] and len(ck["known"]) == 12
     with pytest.raises(train.UserError, match="not class names"):
         train.main(args_for(root, tmp_path / "bad", "--iters", "2", "--unknown-classes", "unicorn"))
     with pytest.raises(train.UserError, match="--resume"):
@@ -72,43 +199,39 @@ def test_segment_with_a_checkpoint(toy_world, tmp_path):
     import segment
     root, _ = toy_world
     train.main(args_for(root, tmp_path / "run", "--iters", "2"))
-    segment.main(segment.get_args([str(root / "JPEGImages" / "val_0001.png"), "--classes", "sky", "ball",
-                                   "--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--size", "64",
+    segment.main(segment.get_args([str(root / "JPEGImages" / "val_0001.png"), "--classes", "sky",
+                                   "ball",
+                                   "--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--size",
+                                   "64",
                                    "--out-dir", str(tmp_path / "seg"), "--cache-dir", ""]))
     assert (tmp_path / "seg" / "val_0001_labels.png").is_file()
 
 
 def test_two_processes_with_torchrun(toy_world, tmp_path):
-    """DistributedDataParallel over 2 CPU processes (gloo): runs, writes once, the checkpoint loads."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    """DistributedDataParallel over 2 CPU processes (gloo): runs, validates and writes once."""
     root, _ = toy_world
-    a = args_for(root, tmp_path / "ddp", "--iters", "4", "--batch-size", "2")
-    argv = []
-    for k, v in vars(a).items():
-        if v not in (None, False, [], "") and not isinstance(v, bool):
-            flag = "--" + k.replace("_", "-")
-            argv += [flag, *map(str, v)] if isinstance(v, list) else [f"{flag}={v}"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *argv],
-                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    argv = flags_for(root, tmp_path / "ddp", "--iters", "4", "--batch-size", "2", "--eval-every",
+                     "2")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "train.py", *argv],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("done:") == 1
+    assert r.stdout.count("done:") == 1 and r.stdout.count("| val mIoU") == 2
     f, _, ck = M.load_run(tmp_path / "ddp" / "ckpt.pt")
     assert ck["step"] == 4
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy_world, tmp_path, monkeypatch):
     root, _ = toy_world
-    real, calls = train.embedding_consistency, []
+    import losses
+    real, calls = losses.embedding_consistency, []
 
     def poisoned(*a, **k):  # finite for 4 steps, then NaN
         calls.append(1)
         out = real(*a, **k)
         return out * float("nan") if len(calls) > 4 else out
-    monkeypatch.setattr(train, "embedding_consistency", poisoned)
+    monkeypatch.setattr(losses, "embedding_consistency", poisoned)
     with pytest.raises(SystemExit) as e:
         train.main(args_for(root, tmp_path / "nan", "--iters", "10", "--save-every", "2"))
     assert e.value.code == 1

@@ -1,5 +1,6 @@
-"""visualize.py on micro toy checkpoints: each figure is drawn and holds what it should (panels, legend
-entries, labels, frame colours), the class means match a pixel loop, a seed gives the same pictures."""
+"""visualize.py on micro toy checkpoints: each figure is drawn and holds what it should (panels,
+legend entries, labels, frame colours), the class means match a pixel loop, a seed gives the same
+pictures."""
 import numpy as np
 import pytest
 import torch
@@ -21,14 +22,18 @@ def runs(toy_world, tmp_path_factory):
     """A class-free CLIP-S4 run (ball and star withheld) and a MaskCLIP+ run, a few steps each."""
     root, _ = toy_world
     out = tmp_path_factory.mktemp("vis_runs")
-    train.main(args_for(root, out / "s4", "--iters", "4", "--unknown-classes", *WITHHELD, "--unknown-tau", "0.9"))
-    train.main(args_for(root, out / "mcp", "--iters", "2", "--method", "maskclip+", "--unknown-classes", *WITHHELD))
+    train.main(args_for(root, out / "s4", "--iters", "4", "--unknown-classes", *WITHHELD,
+                        "--unknown-tau", "0.9"))
+    train.main(args_for(root, out / "mcp", "--iters", "2", "--method", "maskclip+",
+                        "--unknown-classes", *WITHHELD))
     return root, out / "s4" / "ckpt.pt", out / "mcp" / "ckpt.pt"
 
 
 def vis_args(root, out, *extra):
-    return V.get_args(["--dataset", "toy", "--data-root", str(root), "--clip-config", str(root / "toyclip.json"),
-                       "--clip-pretrained", str(root / "toyclip.pt"), "--size", "64", "--images", "2",
+    return V.get_args(["--dataset", "toy", "--data-root", str(root), "--clip-config",
+                       str(root / "toyclip.json"),
+                       "--clip-pretrained", str(root / "toyclip.pt"), "--size", "64", "--images",
+                       "2",
                        "--pass-images", "10", "--segments", "9", "--strip", "3", "--map-cells", "6",
                        "--out-dir", str(out), *extra])
 
@@ -43,7 +48,8 @@ def drawn(runs, tmp_path_factory):
 
 def test_all_four_figures_are_written(drawn):
     _, out, facts = drawn
-    assert sorted(facts) == ["embeddings_umap.png", "qualitative.png", "segment_map.png", "unknown_classes.png"]
+    assert sorted(facts) == ["embeddings_umap.png", "qualitative.png", "segment_map.png",
+                             "unknown_classes.png"]
     for name in facts:
         w, h = Image.open(out / name).size
         assert min(w, h) >= 300, name  # readable on a screen
@@ -53,7 +59,8 @@ def test_qualitative_panels_and_known_marks(drawn):
     root, _, facts = drawn
     f = facts["qualitative.png"]
     assert f["panels"] == 2 * 5  # 2 images x (image, ground truth, MaskCLIP, MaskCLIP+, CLIP-S4)
-    assert [t for t in f["titles"] if t] == ["image", "ground truth", "MaskCLIP", "MaskCLIP+", "CLIP-S4"]
+    assert [t for t in f["titles"] if t] == ["image", "ground truth", "MaskCLIP", "MaskCLIP+",
+                                             "CLIP-S4"]
     names = SegDataset("toy", root, "val").classes
     expected = [n + " (unknown)" if n in WITHHELD else n for n in names]
     assert f["legend"] == expected
@@ -62,7 +69,11 @@ def test_qualitative_panels_and_known_marks(drawn):
 def test_umap_has_every_method_and_class(drawn):
     root, _, facts = drawn
     f = facts["embeddings_umap.png"]
-    assert [lg.split(" pixel mean")[0] for lg in f["legend"][:3]] == ["MaskCLIP", "MaskCLIP+", "CLIP-S4"]
+    assert [lg.split(" pixel mean")[0] for lg in f["legend"][:3]] == [
+        "MaskCLIP",
+        "MaskCLIP+",
+        "CLIP-S4",
+    ]
     assert f["legend"][3] == "CLIP text embedding"
     names = SegDataset("toy", root, "val").classes
     assert f["texts"] and set(f["texts"]) <= set(names)  # class labels, one per class present
@@ -83,9 +94,11 @@ def test_unknown_strips_and_segment_map(drawn):
 def test_same_seed_same_pictures(drawn, runs, tmp_path):
     root, out, _ = drawn
     _, s4, mcp = runs
-    V.main(vis_args(root, tmp_path, "--method", "maskclip", "--checkpoint", str(mcp), str(s4), "--figures", "1", "4"))
+    V.main(vis_args(root, tmp_path, "--method", "maskclip", "--checkpoint", str(mcp), str(s4),
+                    "--figures", "1", "4"))
     for name in ("qualitative.png", "segment_map.png"):
-        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(tmp_path / name))), name
+        assert np.array_equal(np.asarray(Image.open(out / name)),
+                              np.asarray(Image.open(tmp_path / name))), name
 
 
 def test_class_means_match_a_pixel_loop(toy_world):
@@ -93,14 +106,16 @@ def test_class_means_match_a_pixel_loop(toy_world):
     teacher = MaskCLIP(*load_clip("toyclip", str(root / "toyclip.pt"), str(root / "toyclip.json")))
     base = SegDataset("toy", root, "val")
     names = base.classes
-    m = dict(label="MaskCLIP", embed=teacher.dense, stride=teacher.stride, size=64, teacher=teacher, unknown=None,
+    m = dict(label="MaskCLIP", embed=teacher.dense, stride=teacher.stride, size=64,
+             teacher=teacher, unknown=None,
              text=torch.zeros(len(names), 64))
     p = V.embedding_pass([m], base, [0, 1], V.get_args(["--segments", "4"]), len(names))[0]
     sums = torch.zeros(len(names), 64)
     for i in (0, 1):
         item = base[i]
         feats = V.features(m, item["image"])
-        lab = F.interpolate(torch.from_numpy(item["label"])[None, None].float(), size=feats.shape[1:],
+        lab = F.interpolate(torch.from_numpy(item["label"])[None, None].float(),
+                            size=feats.shape[1:],
                             mode="nearest")[0, 0].long()
         for y in range(lab.shape[0]):
             for x in range(lab.shape[1]):
@@ -108,7 +123,8 @@ def test_class_means_match_a_pixel_loop(toy_world):
                     sums[lab[y, x]] += feats[:, y, x]
     present = sums.norm(dim=1) > 0
     assert torch.allclose(p["means"][present], F.normalize(sums[present], dim=1), atol=1e-5)
-    assert p["patches"].shape[1:] == (48, 48, 3) and len(p["patches"]) == len(p["emb"]) == len(p["gt"])
+    assert p["patches"].shape[1:] == (48, 48,
+                                      3) and len(p["patches"]) == len(p["emb"]) == len(p["gt"])
 
 
 def test_bad_input_is_one_line(runs, tmp_path):
@@ -120,4 +136,5 @@ def test_bad_input_is_one_line(runs, tmp_path):
     with pytest.raises(UserError, match="--labels"):
         V.main(vis_args(root, tmp_path, "--checkpoint", str(s4), "--labels", "a", "b"))
     with pytest.raises(UserError, match="not in toy val"):
-        V.main(vis_args(root, tmp_path, "--checkpoint", str(s4), "--figures", "1", "--image-ids", "nope"))
+        V.main(vis_args(root, tmp_path, "--checkpoint", str(s4), "--figures", "1", "--image-ids",
+                        "nope"))
