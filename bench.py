@@ -240,19 +240,17 @@ def bench_train(args, device):
     with tempfile.TemporaryDirectory() as d:
         synthetic_folder(Path(d) / "ds", 16)
         cmd = [sys.executable, "train.py", "--dataset", "folder", "--data-root",
-               str(Path(d) / "ds"),
-               "--clip-pretrained", "none", "--backbone", args.backbone, "--backbone-weights",
-               "none",
-               "--iters", str(args.steps), "--log-every", "1", "--profile", "--out-dir",
-               str(Path(d) / "run"),
-               "--device", args.device, "--unknown-protos", "20", "--batch-size",
-               str(args.batch_size),
-               "--workers", str(args.workers)] + (["--no-amp"] if args.no_amp else [])
+               str(Path(d) / "ds"), "--clip-pretrained", "none", "--backbone", args.backbone,
+               "--backbone-weights", "none", "--iters", str(args.steps), "--log-every", "1",
+               "--profile", "--eval-every", "0", "--out-dir", str(Path(d) / "run"),
+               "--device", args.device, "--unknown-protos", "20",
+               "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+        cmd += ["--no-amp"] if args.no_amp else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         lines = [ln for ln in out.splitlines() if ln.startswith(("step", "  phases"))]
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
         print("\n".join(lines[-2:]))
-        ms = float(re.search(r"\| (\d+) ms$", lines[-2]).group(1))
+        ms = float(re.search(r"\| (\d+) ms \|", lines[-2]).group(1))
         gpu = re.search(r"GPU peak ([\d.]+) GiB", lines[-2])
         precision = "fp32" if args.no_amp or device.type == "cpu" else "AMP fp16"
         print(f"| {args.backbone}, 336 crops, {args.batch_size} x 2 views, {precision} | "

@@ -97,13 +97,9 @@ def get_args(argv=None):
         help="a train.py checkpoint (CLIP-S4, MaskCLIP+, SegSort-only); its CLIP comes with it",
     )
     add_clip_args(p)
-    p.add_argument(
-        "--size",
-        type=int,
-        default=448,
-        help="short side the teacher sees (MaskCLIP: 448 for 224-px CLIPs; a tiny CLIP needs "
-        "its own)",
-    )
+    p.add_argument("--size", type=int, default=None,
+                   help="short side the model sees (default 448, MaskCLIP's for 224-px CLIPs; a "
+                        "checkpoint's own --eval-size; a tiny CLIP needs its own)")
     p.add_argument(
         "--max-side",
         type=int,
@@ -164,7 +160,8 @@ def main(args):
     t0 = time.perf_counter()
     if args.checkpoint:
         args.key_smoothing = False  # keys belong to the teacher's last layer, not to f
-    embed, stride, teacher, _ = load_embedder(args, device, with_keys=args.key_smoothing)
+    embed, stride, teacher, run = load_embedder(args, device, with_keys=args.key_smoothing)
+    args.size = args.size or (run["args"]["eval_size"] if run else None) or 448
     info = teacher.info
     t1 = time.perf_counter()
     protos, owner = teacher.text_prototypes(args.classes, cache_dir=args.cache_dir or None)
