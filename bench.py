@@ -26,15 +26,8 @@ import open_clip
 import torch
 from PIL import Image
 
-from data import (
-    COCOSTUFF_CLASSES,
-    VOC_CLASSES,
-    SegDataset,
-    TwoViews,
-    collate,
-    knn_vote,
-    superpixels,
-)
+from data import (COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, knn_vote,
+                  superpixels)
 from model import MaskCLIP, PixelEmbedder, class_scores, encode_text_fast, read_templates
 
 
@@ -110,9 +103,8 @@ def bench_segment(args, device):
                 np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
             ).save(f)
             cmd = [sys.executable, "segment.py", str(f), "--classes", "sky", "grass", "egg",
-                   "--clip-pretrained",
-                   "none", "--cache-dir", "", "--out-dir", str(Path(d) / "out"), "--device",
-                   args.device]
+                   "--clip-pretrained", "none", "--cache-dir", "", "--out-dir",
+                   str(Path(d) / "out"), "--device", args.device]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             build, text = re.search(r"model build ([\d.]+) s \| text prototypes ([\d.]+) s",
                                     out).groups()

@@ -146,8 +146,8 @@ def atomic_save(obj, path, previous=None):
 
 def per_class_line(per_class):
     """'per class IoU: sky 81.2, grass 60.1, ...' (classes without an IoU left out)."""
-    return "per class IoU: " + ", ".join(f"{k} {v:.1f}" for k,
-                                         v in per_class.items() if v is not None)
+    return "per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in per_class.items()
+                                         if v is not None)
 
 
 def write_json(path, obj):
@@ -219,56 +219,41 @@ def language_confusion(scores_of, data, num_classes, limit=0, desc=None):
 # Datasets: class names (MaskCLIP's natural-language spellings) and readers
 # ----------------------------------------------------------------------------------------------
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "table",
-               "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",
-               "tv monitor"]
+               "cow", "table", "dog", "horse", "motorbike", "person", "potted plant", "sheep",
+               "sofa", "train", "tv monitor"]
 # The supplementary's four class-free folds; concatenated they are Pascal Context-59 in label order.
 CONTEXT_FOLDS = [
     ["airplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
-     "building",
-     "bus", "cabinet", "car", "cat"],
+     "building", "bus", "cabinet", "car", "cat"],
     ["ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog", "door", "fence",
-     "floor", "flower",
-     "food", "grass", "ground"],
+     "floor", "flower", "food", "grass", "ground"],
     ["horse", "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform",
      "potted plant", "road", "rock", "sheep", "shelves", "sidewalk"],
     ["sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tv monitor",
-     "wall", "water",
-     "window", "wood"]]
+     "wall", "water", "window", "wood"]]
 CONTEXT_CLASSES = [c for fold in CONTEXT_FOLDS for c in fold]
 # COCO-Stuff-171 in labelTrainIds order; the stuff names lose their "-other"/"-stuff" suffixes and
 # read as phrases ("wall-brick" -> "brick wall"): our spelling choice, overridable by --class-names.
 COCOSTUFF_CLASSES = (
     "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,"
-    "stop sign,"
-    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,"
-    "umbrella,handbag,"
-    "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,"
-    "surfboard,"
-    "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,"
-    "broccoli,carrot,"
-    "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,"
-    "remote,keyboard,"
-    "cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,"
-    "hair drier,"
-    "toothbrush,banner,blanket,branch,bridge,building,bush,cabinet,cage,cardboard,carpet,ceiling,"
-    "ceiling tile,"
+    "stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,"
+    "backpack,umbrella,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,"
+    "baseball glove,skateboard,surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,"
+    "banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,"
+    "potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,keyboard,cell phone,microwave,"
+    "oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,toothbrush,"
+    "banner,blanket,branch,bridge,building,bush,cabinet,cage,cardboard,carpet,ceiling,ceiling tile,"
     "cloth,clothes,clouds,counter,cupboard,curtain,desk,dirt,door,fence,marble floor,floor,"
-    "stone floor,"
-    "tile floor,wood floor,flower,fog,food,fruit,furniture,grass,gravel,ground,hill,house,leaves,"
-    "light,mat,"
-    "metal,mirror,moss,mountain,mud,napkin,net,paper,pavement,pillow,plant,plastic,platform,"
-    "playingfield,"
-    "railing,railroad,river,road,rock,roof,rug,salad,sand,sea,shelf,sky,skyscraper,snow,solid,"
-    "stairs,stone,"
-    "straw,structural,table,tent,textile,towel,tree,vegetable,brick wall,concrete wall,wall,"
-    "panel wall,"
-    "stone wall,tile wall,wood wall,water,waterdrops,window blind,window,wood"
+    "stone floor,tile floor,wood floor,flower,fog,food,fruit,furniture,grass,gravel,ground,hill,"
+    "house,leaves,light,mat,metal,mirror,moss,mountain,mud,napkin,net,paper,pavement,pillow,plant,"
+    "plastic,platform,playingfield,railing,railroad,river,road,rock,roof,rug,salad,sand,sea,shelf,"
+    "sky,skyscraper,snow,solid,stairs,stone,straw,structural,table,tent,textile,towel,tree,"
+    "vegetable,brick wall,concrete wall,wall,panel wall,stone wall,tile wall,wood wall,water,"
+    "waterdrops,window blind,window,wood"
 ).split(",")
 
-# name: (base folders tried under --data-root, image dir, label dir per split, split list per split,
-#        default root). "{split}" is filled in; a list of None means "every label file in the
-# folder".
+# name: (base folders tried under --data-root, image dir, label dir per split, split list per
+#        split, default root). "{split}" is filled in; None means "every label file in the folder".
 LAYOUTS = {
     "voc": (
         ["VOCdevkit/VOC2012", "."],

@@ -26,14 +26,11 @@ import torch
 from data import (CONTEXT_FOLDS, DATASETS, EvalImages, SegDataset, UserError, language_confusion,
                   per_class_line, segmentation_metrics, write_json)
 from model import (add_clip_args, class_scores, key_smoothing, load_embedder, pick_device,
-                   prompt_denoising,
-                   resolve_clip_args)
+                   prompt_denoising, resolve_clip_args)
 
 # The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name
-# known,
-# by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std) over
-# the
-# four folds. The main paper's mIoU tables are not in ../shared/paper, so no mIoU column.
+# known, by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std)
+# over the four folds. The main paper's mIoU tables are not in ../shared/paper, so no mIoU column.
 PAPER = {
     ("cocostuff", "maskclip", "RN50"): ("22.0", "26.1"),
     ("cocostuff", "maskclip", "ViT-B-16"): ("27.7", "32.4"),
@@ -243,7 +240,7 @@ def main(args):
         splits = [CONTEXT_FOLDS[k] for k in args.unknown_fold] or [[]]
         names = [c.split(";")[0] for c in SegDataset(args.dataset, args.data_root, args.split,
                                                      class_names=args.class_names).classes]
-        # names first
+        # the names are checked before the slow pass
         scored(np.zeros((len(names),) * 2, np.int64), names,
                list(args.unknown_classes) + sum(splits, []))
         cm, names, _, label, clip = confusion(args, None, device)

@@ -50,17 +50,13 @@ from model import add_clip_args, load_embedder, pick_device, resolve_clip_args
 # (per-class IoU, background first, VOC order).
 PAPER_VOC = {
     "maskclip": ((91.9, 77.6), [90.5, 69.7, 43.0, 78.4, 59.4, 55.5, 78.3, 77.7, 83.5, 30.9, 77.4,
-                                48.3, 80.5, 77.1,
-                                73.1, 79.1, 59.9, 77.9, 39.5, 77.6, 56.2]),
+                                48.3, 80.5, 77.1, 73.1, 79.1, 59.9, 77.9, 39.5, 77.6, 56.2]),
     "maskclip+": ((90.9, 78.6), [89.5, 66.2, 34.1, 75.4, 56.3, 64.4, 84.4, 78.0, 82.9, 25.2, 75.7,
-                                 48.5, 77.7, 74.2,
-                                 72.8, 74.7, 43.6, 70.8, 37.2, 76.0, 58.6]),
+                                 48.5, 77.7, 74.2, 72.8, 74.7, 43.6, 70.8, 37.2, 76.0, 58.6]),
     "clip-s4": ((93.2, 83.0), [92.4, 83.5, 37.6, 85.7, 69.4, 75.3, 89.5, 79.9, 87.9, 28.2, 83.1,
-                               57.5, 83.9, 82.4,
-                               76.7, 80.1, 50.6, 80.5, 42.4, 81.4, 63.2]),
+                               57.5, 83.9, 82.4, 76.7, 80.1, 50.6, 80.5, 42.4, 81.4, 63.2]),
     "segsort": ((86.9, None), [87.6, 59.8, 26.4, 58.3, 39.9, 46.2, 64.0, 61.7, 69.5, 9.5, 31.3,
-                               30.4, 59.4, 36.2,
-                               52.5, 63.4, 16.5, 42.4, 26.8, 58.9, 52.1])}
+                               30.4, 59.4, 36.2, 52.5, 63.4, 16.5, 42.4, 26.8, 58.9, 52.1])}
 
 
 def get_args(argv=None):
@@ -182,9 +178,8 @@ def read_or_none(path, what):
 def linear_probe(args, embed, stride, label, ident, device, train, val, K):
     """Train (continue, or reuse) the 1x1 classifier on frozen embeddings; the val confusion."""
     key = hashlib.sha1(json.dumps(ident + [args.dataset, str(args.data_root), args.size,
-                                           args.crop_size,
-                                           args.batch_size, args.probe_iters, args.probe_lr,
-                                           args.seed])
+                                           args.crop_size, args.batch_size, args.probe_iters,
+                                           args.probe_lr, args.seed])
                        .encode()).hexdigest()[:16]
     path = Path(args.memory_dir) / f"probe_{label}_{args.dataset}_{key}.pt"
     D = embed(torch.zeros(1, 3, 4 * stride, 4 * stride, device=device)).shape[1]
@@ -265,7 +260,7 @@ def main(args):
     # ---- model ----
     embed_keys, stride, _, run = load_embedder(args, device)
     args.size = args.size or (run["args"]["eval_size"] if run else None)  # a run's own test side
-    embed = lambda x: embed_keys(x)[0]  # noqa: E731  features only: (B, D, h, w)
+    embed = lambda x: embed_keys(x)[0]  # features only: (B, D, h, w)
     label = run["method"] if run else "maskclip"
     ident = (
         [str(Path(args.checkpoint).resolve()), run["step"]]
@@ -290,9 +285,8 @@ def main(args):
         protocol.append(args.kmeans_at)
     key = hashlib.sha1(json.dumps(ident + protocol).encode()).hexdigest()[:16]
     mem_file = Path(args.memory_dir) / f"{label}_{args.dataset}_{key}.pt"
-    # noqa: E731
+    # one cut, the same protocol for training and validation images
     cut = lambda item: segments_and_labels(embed, item, args.segments, args.kmeans_iters, K,
-                                           # the same protocol for both sets
                                            args.kmeans_lambda, args.kmeans_at)
     cached = read_or_none(mem_file, "memory")
     if cached is not None:
@@ -311,9 +305,8 @@ def main(args):
         print(f"memory: {len(memory)} segments written to {mem_file}")
     memory, mem_labels = memory.to(device).float(), mem_labels.to(device)
     # ---- vote for each validation segment, paint, score ----
-    # The segment ceiling: each validation segment painted with its own majority label, the best any
-    # vote can do with these segments. k-NN below it = retrieval's loss; ceiling below 100 =
-    # the segments'.
+    # The segment ceiling: each validation segment painted with its own majority label, the best
+    # any vote can do with these segments. k-NN below it: retrieval's loss; below 100: segments'.
     cm, ceiling = np.zeros((K, K), np.int64), np.zeros((K, K), np.int64)
     data = EvalImages(val, args.size, stride)
     for i in tqdm(range(len(data)), desc="validation segments"):

@@ -250,7 +250,7 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
     if lambdas["e"]:
         terms["e"] = embedding_consistency(segment_means(z, seg), cs, kappa_e, emb_form)
     if lambdas["s"]:
-        # (K+M, D)
+        # (K+M, D): the known names, then the unknown prototypes shifted across the gap
         prototypes = torch.cat([text, unknown.shifted(text)]) if unknown.started else text
         terms["s"] = semantic_consistency(z, seg, pix, targets, prototypes, kappa_s)
     return weighted_total(terms, lambdas), terms, cs, is_unknown

@@ -8,11 +8,9 @@ Notation used in shape comments (defined once, as in docs/method.md):
 Public API:
     load_clip(name, pretrained, config)     -> a frozen open_clip model and what was loaded
     MaskCLIP(clip, info)                    -> the teacher: .dense(), .text_prototypes()
-    class_scores(), prompt_denoising(), key_smoothing()  -> per-class scores and MaskCLIP's
-    refinements
+    class_scores(), prompt_denoising(), key_smoothing()  -> class scores, MaskCLIP's refinements
     PixelEmbedder(dim, backbone)            -> the pixel-embedding network f
-    load_run(path), load_embedder(args)     -> a trained run, or whatever a script scores pixels
-    with
+    load_run(path), load_embedder(args)     -> a trained run, or what a script scores pixels with
 """
 import hashlib
 import json
@@ -83,8 +81,8 @@ def read_state_dict(path):
         raise UserError(f"--clip-pretrained {path}: not a CLIP state dict")
     for k in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
         sd.pop(k, None)
-    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k,
-            v in sd.items()}
+    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v
+            for k, v in sd.items()}
 
 
 def hub_reachable(timeout=3.0):
@@ -146,20 +144,18 @@ def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="aut
         pretrained: an open_clip tag ('openai', ...), a local weights file, or 'none' (random init).
         config: optional path to an open_clip JSON config to register (--clip-config).
         quick_gelu: 'auto' | 'on' | 'off'. OpenAI's weights were trained with QuickGELU but
-        open_clip's
-            plain 'ViT-B-16'/'RN50' configs use nn.GELU (open_clip only warns). 'auto' takes the
-            tag's own quick_gelu flag, QuickGELU for OpenAI's TorchScript files, the config's choice
-            otherwise.
+            open_clip's plain 'ViT-B-16'/'RN50' configs use nn.GELU (open_clip only warns). 'auto'
+            takes the tag's own quick_gelu flag, QuickGELU for OpenAI's TorchScript files, the
+            config's choice otherwise.
     Returns:
         (model, info): model on `device` in fp32; info = dict(name, pretrained, weights,
-        quick_gelu).
+            quick_gelu).
     """
     if config:
         name = register_clip_config(config)
     if open_clip.get_model_config(name) is None:
         raise UserError(
-            f"unknown CLIP model '{name}' (open_clip knows e.g. ViT-B-16, RN50, "
-            f"ViT-L-14; "
+            f"unknown CLIP model '{name}' (open_clip knows e.g. ViT-B-16, RN50, ViT-L-14; "
             f"`python -c 'import open_clip; print(open_clip.list_models())'` lists all; "
             f"a custom architecture needs --clip-config FILE.json)"
         )
@@ -222,10 +218,8 @@ def resolve_clip_args(args):
     unset = args.clip is None and args.clip_pretrained is None and args.clip_config is None
     if unset and getattr(args, "dataset", None) == "toy":
         root = Path(getattr(args, "data_root", None) or "data/toy")
-        args.clip_config, args.clip_pretrained = (
-            str(root / "toyclip.json"),
-            str(root / "toyclip.pt"),
-        )
+        args.clip_config = str(root / "toyclip.json")
+        args.clip_pretrained = str(root / "toyclip.pt")
     args.clip = args.clip or (Path(args.clip_config).stem if args.clip_config else "ViT-B-16")
     args.clip_pretrained = args.clip_pretrained or "openai"
     return args
@@ -243,8 +237,8 @@ def resnet_dense(visual, x, with_keys=False):
     x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, C, h, w)
     v = F.conv2d(x, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)  # (B, C, h, w)
     feats = F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)  # (B, D, h, w)
-    keys = F.conv2d(x, pool.k_proj.weight[:, :, None, None],
-                    pool.k_proj.bias) if with_keys else None
+    k_proj = pool.k_proj
+    keys = F.conv2d(x, k_proj.weight[:, :, None, None], k_proj.bias) if with_keys else None
     return feats, keys
 
 
@@ -398,11 +392,12 @@ class MaskCLIP(nn.Module):
     @torch.no_grad()
     def text_prototypes(self, class_names, templates=None, cache_dir=CACHE_DIR, batch_size=128):
         """One unit vector per class synonym: the normalised mean of its normalised template
-        embeddings. Args:
+        embeddings.
+        Args:
             class_names: list of names, each may hold ';'-separated synonyms.
             templates: list of '{}' templates (default: the 85 of prompts.txt).
-            cache_dir: a folder for the on-disk cache keyed by (model, weights, templates, names);
-            None = off.
+            cache_dir: a folder for the on-disk cache keyed by (model, weights, templates,
+                names); None = off.
         Returns:
             protos (S, D) fp32 unit norm, owner (S,) long: the class index of each row."""
         classes = parse_class_names(class_names)

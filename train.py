@@ -28,9 +28,8 @@ from data import (CONTEXT_FOLDS, DATASETS, EVAL_SIDE, EvalImages, SegDataset, Tw
                   atomic_save, collate, language_confusion, segmentation_metrics, warp)
 from losses import (UnknownPrototypes, clip_s4_objective, kmeans_segments, maskclip_plus_objective,
                     pixel_sample, regions_on_grid, segsort_objective)
-from model import (ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, add_clip_args,
-                   class_embeddings, class_scores, load_clip, pick_device, read_checkpoint,
-                   resolve_clip_args)
+from model import (ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, add_clip_args, class_embeddings,
+                   class_scores, load_clip, pick_device, read_checkpoint, resolve_clip_args)
 
 # Per-dataset defaults, printed at start and kept in args.json; a flag given on the command line
 # wins. The paper's datasets need none: the flags' own defaults are the paper's setting. The toy
@@ -208,7 +207,7 @@ def optimizer_for(f, args):
               {"params": f.head_parameters(), "lr": 10 * args.lr}]
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
-    poly = lambda s: (min(1.0, (s + 1) / max(1, args.warmup))  # noqa: E731
+    poly = lambda s: (min(1.0, (s + 1) / max(1, args.warmup))
                       * (1 - min(s, args.iters - 1) / args.iters) ** 0.9)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, poly)
 
@@ -267,7 +266,7 @@ class Validation:
 
     @torch.no_grad()
     def score(self, embed, images):
-        scores = lambda x: class_scores(embed(x.to(self.device)).float(),  # noqa: E731
+        scores = lambda x: class_scores(embed(x.to(self.device)).float(),
                                         self.protos, self.owner, self.K)
         m = segmentation_metrics(language_confusion(scores, images, self.K, self.n), self.names)
         return {"mIoU": m["mIoU"], "pAcc": m["pAcc"]}

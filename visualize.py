@@ -33,8 +33,7 @@ from data import (DATASETS, EVAL_SIDE, IGNORE, SegDataset, UserError, majority_l
                   resize_for_teacher)
 from losses import UnknownPrototypes, image_segments, segment_means
 from model import (MaskCLIP, add_clip_args, class_embeddings, class_scores, load_clip, load_run,
-                   pick_device,
-                   resolve_clip_args)
+                   pick_device, resolve_clip_args)
 
 PRETTY = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4",
           "segsort": "SegSort-only"}

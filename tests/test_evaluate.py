@@ -12,12 +12,10 @@ def test_teacher_scores_match_toy_report_and_split(toy_world, tmp_path):
     root, result = toy_world
     out = tmp_path / "m.json"
     m = evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root), "--method",
-                                         "maskclip",
-                                         "--clip-config", str(root / "toyclip.json"),
-                                         "--clip-pretrained",
-                                         str(root / "toyclip.pt"), "--size", "64",
-                                         "--unknown-classes", "ball",
-                                         "star", "--json", str(out)]))
+                                         "maskclip", "--clip-config", str(root / "toyclip.json"),
+                                         "--clip-pretrained", str(root / "toyclip.pt"), "--size",
+                                         "64", "--unknown-classes", "ball", "star", "--json",
+                                         str(out)]))
     assert m["mIoU"] == pytest.approx(result["maskclip"]["mIoU"], abs=1e-6)
     saved = json.loads(out.read_text())
     assert set(saved) >= {"mIoU", "pAcc", "mAcc", "per_class", "known", "unknown"}
@@ -30,23 +28,19 @@ def test_checkpoint_evaluates_with_its_own_withheld_names(toy_world, tmp_path):
     from test_train import args_for
     train.main(args_for(root, tmp_path / "run", "--iters", "2", "--unknown-classes", "kite"))
     m = evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root),
-                                         "--checkpoint",
-                                         str(tmp_path / "run" / "ckpt.pt"), "--size", "64",
-                                         "--limit", "4"]))
+                                         "--checkpoint", str(tmp_path / "run" / "ckpt.pt"),
+                                         "--size", "64", "--limit", "4"]))
     assert list(m["unknown"]["per_class"]) == ["kite"] and 0 <= m["mIoU"] <= 100
     # two runs (as the four fold runs): each row as alone, then their mean and std
     train.main(args_for(root, tmp_path / "run2", "--iters", "1", "--unknown-classes", "kite",
                         "--seed", "1"))
     m2 = evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root),
-                                          "--checkpoint",
-                                          str(tmp_path / "run2" / "ckpt.pt"), "--size", "64",
-                                          "--limit", "4"]))
+                                          "--checkpoint", str(tmp_path / "run2" / "ckpt.pt"),
+                                          "--size", "64", "--limit", "4"]))
     both = evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root),
-                                            "--checkpoint",
-                                            str(tmp_path / "run" / "ckpt.pt"),
-                                            str(tmp_path / "run2" / "ckpt.pt"),
-                                            "--size", "64", "--limit", "4", "--json",
-                                            str(tmp_path / "b.json")]))
+                                            "--checkpoint", str(tmp_path / "run" / "ckpt.pt"),
+                                            str(tmp_path / "run2" / "ckpt.pt"), "--size", "64",
+                                            "--limit", "4", "--json", str(tmp_path / "b.json")]))
     for part in (lambda r: r, lambda r: r["unknown"]):
         for k in ("mIoU", "pAcc", "mAcc"):
             assert part(both)[k] == pytest.approx((part(m)[k] + part(m2)[k]) / 2)
@@ -100,8 +94,7 @@ def test_knn_protocol_runs_and_reuses_memory(toy_world, tmp_path, capsys, monkey
     root, _ = toy_world
     argv = ["--dataset", "toy", "--data-root", str(root), "--method", "maskclip", "--clip-config",
             str(root / "toyclip.json"), "--clip-pretrained", str(root / "toyclip.pt"), "--size",
-            "64",
-            "--limit-train", "24", "--segments", "16", "--k", "5", "--memory-dir",
+            "64", "--limit-train", "24", "--segments", "16", "--k", "5", "--memory-dir",
             str(tmp_path / "mem")]
     first = knn.main(knn.get_args(argv))
     assert "written to" in capsys.readouterr().out and 0 < first["pAcc"] <= 100
@@ -138,7 +131,7 @@ def test_knn_segments_at_label_size_follow_an_edge_inside_a_cell():
     label = torch.zeros(64, 64, dtype=torch.long)
     label[:, 40:] = 1  # the edge halves the third of four 16-px cells
     item = {"image": F.one_hot(label, 2).permute(2, 0, 1).float(), "label": label}
-    # noqa: E731  stride 16, that cell a 50/50 mix
+    # stride 16, that cell a 50/50 mix
     embed = lambda x: F.normalize(F.avg_pool2d(x, 16), dim=1)
 
     def right(at):
@@ -153,7 +146,7 @@ def test_slide_equals_whole_image_for_a_pointwise_scorer():
     import torch
     import torch.nn.functional as F
     x = torch.rand(1, 3, 40, 56)
-    # noqa: E731  per 8x8 cell: windows agree where they overlap
+    # per 8x8 cell: windows agree where they overlap
     score = lambda crop: F.avg_pool2d(crop, 8)
     for window, step in ((24, 16), (16, 8), (64, 64)):
         torch.testing.assert_close(evaluate.slide_scores(score, x, window, step, 8), score(x))
@@ -181,9 +174,8 @@ def test_linear_probe_learns_and_resumes_exactly(toy_world, tmp_path):
     root, _ = toy_world
     argv = ["--dataset", "toy", "--data-root", str(root), "--method", "maskclip", "--clip-config",
             str(root / "toyclip.json"), "--clip-pretrained", str(root / "toyclip.pt"), "--size",
-            "64", "--probe",
-            "--probe-iters", "8", "--crop-size", "48", "--batch-size", "4", "--workers", "0",
-            "--save-every", "2"]
+            "64", "--probe", "--probe-iters", "8", "--crop-size", "48", "--batch-size", "4",
+            "--workers", "0", "--save-every", "2"]
     straight = knn.main(knn.get_args(argv + ["--memory-dir", str(tmp_path / "a")]))
     assert 0 < straight["pAcc"] <= 100
     # save and stop at step 3, then the same command continues

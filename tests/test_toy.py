@@ -54,11 +54,9 @@ def test_micro_clip_learns_and_loads_like_any_checkpoint(toy_world):
 def test_segment_on_a_toy_image(toy_world, tmp_path, capsys):
     root, _ = toy_world
     segment.main(segment.get_args([str(root / "JPEGImages" / "val_0000.png"), "--classes",
-                                   *toy.CLASSES[:4],
-                                   "--clip-config", str(root / "toyclip.json"), "--clip-pretrained",
-                                   str(root / "toyclip.pt"), "--size", "64", "--out-dir",
-                                   str(tmp_path),
-                                   "--cache-dir", ""]))
+                                   *toy.CLASSES[:4], "--clip-config", str(root / "toyclip.json"),
+                                   "--clip-pretrained", str(root / "toyclip.pt"), "--size", "64",
+                                   "--out-dir", str(tmp_path), "--cache-dir", ""]))
     assert (
         tmp_path / "val_0000_labels.png"
     ).is_file() and "val_0000.png" in capsys.readouterr().out

@@ -20,10 +20,9 @@ def flags_for(root, out, *extra):
     """train.py's command line of a micro run on the micro toy world (the preset does the rest)."""
     return ["--dataset", "toy", "--data-root", str(root), "--size", "64", "--crop-size", "64",
             "--backbone", "resnet18", "--backbone-weights", "none", "--head-dim", "32",
-            "--batch-size", "4",
-            "--workers", "0", "--unknown-protos", "4", "--max-pixels", "512", "--warmup", "2",
-            "--log-every", "5",
-            "--save-every", "5", "--eval-images", "8", "--out-dir", str(out), *extra]
+            "--batch-size", "4", "--workers", "0", "--unknown-protos", "4", "--max-pixels", "512",
+            "--warmup", "2", "--log-every", "5", "--save-every", "5", "--eval-images", "8",
+            "--out-dir", str(out), *extra]
 
 
 def args_for(root, out, *extra):
@@ -200,10 +199,9 @@ def test_segment_with_a_checkpoint(toy_world, tmp_path):
     root, _ = toy_world
     train.main(args_for(root, tmp_path / "run", "--iters", "2"))
     segment.main(segment.get_args([str(root / "JPEGImages" / "val_0001.png"), "--classes", "sky",
-                                   "ball",
-                                   "--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--size",
-                                   "64",
-                                   "--out-dir", str(tmp_path / "seg"), "--cache-dir", ""]))
+                                   "ball", "--checkpoint", str(tmp_path / "run" / "ckpt.pt"),
+                                   "--size", "64", "--out-dir", str(tmp_path / "seg"),
+                                   "--cache-dir", ""]))
     assert (tmp_path / "seg" / "val_0001_labels.png").is_file()
 
 

@@ -31,11 +31,9 @@ def runs(toy_world, tmp_path_factory):
 
 def vis_args(root, out, *extra):
     return V.get_args(["--dataset", "toy", "--data-root", str(root), "--clip-config",
-                       str(root / "toyclip.json"),
-                       "--clip-pretrained", str(root / "toyclip.pt"), "--size", "64", "--images",
-                       "2",
-                       "--pass-images", "10", "--segments", "9", "--strip", "3", "--map-cells", "6",
-                       "--out-dir", str(out), *extra])
+                       str(root / "toyclip.json"), "--clip-pretrained", str(root / "toyclip.pt"),
+                       "--size", "64", "--images", "2", "--pass-images", "10", "--segments", "9",
+                       "--strip", "3", "--map-cells", "6", "--out-dir", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
