@@ -28,7 +28,8 @@ from PIL import Image
 
 from data import (COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, knn_vote,
                   superpixels)
-from model import MaskCLIP, PixelEmbedder, class_scores, encode_text_fast, read_templates
+from model import (TEACHERS, MaskCLIP, PixelEmbedder, class_scores, encode_text_fast,
+                   read_templates)
 
 
 def timed(fn, repeats, device):
@@ -48,20 +49,22 @@ def timed(fn, repeats, device):
 
 @torch.no_grad()
 def bench_dense(args, device):
-    print("| model | input | encode_image ms | MaskCLIP dense ms | dense / encode_image |")
-    print("|---|---|---|---|---|")
+    print("| model | teacher | input | encode_image ms | dense ms | dense / encode_image |")
+    print("|---|---|---|---|---|---|")
     for name in ("RN50", "ViT-B-16"):
         clip = open_clip.create_model(name, force_image_size=args.size,
                                       pretrained_text=False).eval().to(device)
-        teacher = MaskCLIP(clip, {"name": name, "pretrained": "none", "weights": None,
-                                  "quick_gelu": False})
+        info = {"name": name, "pretrained": "none", "weights": None, "quick_gelu": False}
         x = torch.rand(args.batch, 3, args.size, args.size, device=device)
-        xn = (x - teacher.mean) / teacher.std
-        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-            t_enc = timed(lambda: clip.encode_image(xn), args.repeats, device)
-        t_dense = timed(lambda: teacher.dense(x), args.repeats, device)
-        print(f"| {name} | {args.batch}x{args.size}x{args.size} | {t_enc:.0f} | {t_dense:.0f} | "
-              f"{t_dense / t_enc:.2f}x |")
+        teachers = ["maskclip"] if name == "RN50" else TEACHERS  # the others change a ViT block
+        for which in teachers:
+            teacher = MaskCLIP(clip, info, which)
+            xn = (x - teacher.mean) / teacher.std
+            with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+                t_enc = timed(lambda: clip.encode_image(xn), args.repeats, device)
+            t_dense = timed(lambda: teacher.dense(x), args.repeats, device)
+            print(f"| {name} | {which} | {args.batch}x{args.size}x{args.size} | {t_enc:.0f} | "
+                  f"{t_dense:.0f} | {t_dense / t_enc:.2f}x |")
 
 
 @torch.no_grad()

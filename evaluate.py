@@ -44,7 +44,7 @@ PAPER = {
 }
 
 NAMES = {"maskclip": "MaskCLIP", "clip-s4": "CLIP-S4", "maskclip+": "MaskCLIP+",
-         "segsort": "SegSort-only"}
+         "segsort": "SegSort-only", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
 
 
 def get_args(argv=None):
@@ -181,14 +181,16 @@ def confusion(args, checkpoint, device, size=None):
         window = args.window or min(x.shape[2:])
         return slide_scores(score, x, window, args.window_stride or 2 * window // 3, stride)
 
-    label = run["method"] if run else "maskclip"
+    label = run["method"] if run else teacher.info["teacher"]
     print(
         f"evaluate.py | {label} | {args.dataset} {args.split}: {len(base)} images, {K} classes, "
         f"short side {data.side}"
         + (f" | unknown: {', '.join(run['withheld'])}" if run and run["withheld"] else "")
     )
     cm = language_confusion(image_scores, data, K, args.limit, desc="evaluating")
-    return cm, names, run, label, teacher.info["name"]
+    clip = teacher.info["name"]  # the table's CLIP column names a teacher other than MaskCLIP
+    clip += f" ({teacher.info['teacher']})" if teacher.info["teacher"] != "maskclip" else ""
+    return cm, names, run, label, clip
 
 
 def scored(cm, names, withheld):
@@ -261,7 +263,7 @@ def main(args):
             raise UserError("--with-teacher compares a --checkpoint with its teacher: give a "
                             "checkpoint")
         clip_flags = {k: runs[0]["args"][k] for k in ("clip", "clip_pretrained", "clip_config",
-                                                      "quick_gelu")}
+                                                      "quick_gelu", "teacher")}
         cm, names, _, label, clip = confusion(argparse.Namespace(**{**vars(args), **clip_flags}),
                                               None,
                                               device, args.teacher_size)
@@ -294,7 +296,7 @@ def main(args):
     if teacher:
         t = teacher[4]
         result["teacher"] = t
-        print(f"\n{NAMES['maskclip']} {t['mIoU']:.1f} -> {NAMES.get(rows[0][0], rows[0][0])} "
+        print(f"\n{NAMES[teacher[0]]} {t['mIoU']:.1f} -> {NAMES.get(rows[0][0], rows[0][0])} "
               f"{result['mIoU']:.1f} mIoU ({result['mIoU'] - t['mIoU']:+.1f})"
               + (f"; unknown names {t['unknown']['mIoU']:.1f} -> {result['unknown']['mIoU']:.1f}"
                  if "unknown" in t and "unknown" in result else ""))

@@ -261,12 +261,10 @@ def main(args):
     embed_keys, stride, _, run = load_embedder(args, device)
     args.size = args.size or (run["args"]["eval_size"] if run else None)  # a run's own test side
     embed = lambda x: embed_keys(x)[0]  # features only: (B, D, h, w)
-    label = run["method"] if run else "maskclip"
-    ident = (
-        [str(Path(args.checkpoint).resolve()), run["step"]]
-        if run
-        else [args.clip, args.clip_pretrained, args.clip_config]
-    )
+    label = run["method"] if run else args.teacher
+    ident = ([str(Path(args.checkpoint).resolve()), run["step"]] if run else
+             [args.clip, args.clip_pretrained, args.clip_config]
+             + ([args.teacher] if args.teacher != "maskclip" else []))  # maskclip keeps its keys
     # ---- data: 21 classes with background on VOC ----
     train = SegDataset(args.dataset, args.data_root, "train", background=True)
     val = SegDataset(args.dataset, args.data_root, "val", background=True)

@@ -210,6 +210,9 @@ def add_clip_args(p):
                    help="open_clip JSON config registered under its file's stem (a custom CLIP)")
     g.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto",
                    help="activation of the CLIP: auto follows the weights (QuickGELU for OpenAI's)")
+    g.add_argument("--teacher", choices=TEACHERS, default="maskclip",
+                   help="dense features: maskclip (the paper's), or a ViT's last block as SCLIP, "
+                        "ClearCLIP or NACLIP change it (docs/method.md section 2b)")
 
 
 def resolve_clip_args(args):
@@ -257,10 +260,55 @@ def vit_pos_embed(visual, h, w):
     return torch.cat([pos[:1], grid.to(pos.dtype)])
 
 
-def vit_dense(visual, x, with_keys=False):
+TEACHERS = ("maskclip", "sclip", "clearclip", "naclip")  # --teacher; RN50 has only maskclip
+NACLIP_SIGMA = 5.0  # NACLIP's neighbourhood, in patches (its paper's value)
+
+
+def neighbourhood_bias(h, w, sigma=NACLIP_SIGMA):
+    """NACLIP's Omega, (N, N) with N = 1 + h*w: exp(-d_ij^2 / (2 sigma^2)) over the distance d_ij
+    between patches i and j on the h x w grid; zero in the class token's row and column."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).float()  # (h*w, 2)
+    omega = torch.zeros(1 + h * w, 1 + h * w)
+    omega[1:, 1:] = torch.exp(-torch.cdist(pos, pos) ** 2 / (2 * sigma ** 2))
+    return omega
+
+
+def last_block_attention(last, t, y, h, w, teacher):
+    """The last ViT block of the training-free teachers after MaskCLIP, with y = ln_1(t), q, k, v
+    from the block's in_proj per head and s = head_dim^-1/2:
+        sclip      A = softmax(s q q^T) + softmax(s k k^T); out_proj; residual and MLP kept (SCLIP)
+        clearclip  A = softmax(s q q^T); out_proj; no residual, no MLP (ClearCLIP)
+        naclip     A = softmax(s k k^T + Omega); out_proj; no residual, no MLP (NACLIP)
+    SCLIP's rows sum to 2 and are not renormalised. t, y (B, N, width) -> (B, N, width)."""
+    attn = last.attn
+    B, N, C = y.shape
+    H = attn.num_heads
+    qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3 width)
+    # (B, N, width) -> (B, H, N, c) each
+    q, k, v = (z.reshape(B, N, H, C // H).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+    s = (C // H) ** -0.5
+    if teacher == "sclip":
+        a = (s * q @ q.transpose(-1, -2)).softmax(-1) + (s * k @ k.transpose(-1, -2)).softmax(-1)
+    elif teacher == "clearclip":
+        a = (s * q @ q.transpose(-1, -2)).softmax(-1)  # (B, H, N, N)
+    elif teacher == "naclip":
+        omega = neighbourhood_bias(h, w).to(k)
+        a = (s * k @ k.transpose(-1, -2) + omega).softmax(-1)
+    else:
+        raise UserError(f"--teacher {teacher}: choose from {', '.join(TEACHERS)}")
+    out = last.ls_1(attn.out_proj((a @ v).transpose(1, 2).reshape(B, N, C)))  # (B, N, width)
+    if teacher != "sclip":
+        return out
+    t = t + out
+    return t + last.ls_2(last.mlp(last.ln_2(t)))
+
+
+def vit_dense(visual, x, with_keys=False, teacher="maskclip"):
     """MaskCLIP on VisionTransformer: every block but the last as usual; in the last block the
     query-key attention is skipped (x -> ln_1 -> value proj -> out_proj, plus the residual), then
-    its MLP with residual, ln_post and the projection; the class token is dropped.
+    its MLP with residual, ln_post and the projection; the class token is dropped. The other
+    `teacher`s change only the last block (last_block_attention).
     x: (B, 3, H, W) normalised -> (B, D, h, w) features (h = H/patch), keys (B, C, h, w) or None."""
     *blocks, last = visual.transformer.resblocks
     if not isinstance(last, ResidualAttentionBlock) or visual.attn_pool is not None:
@@ -282,8 +330,11 @@ def vit_dense(visual, x, with_keys=False):
     y = last.ln_1(t)
     _, w_k, w_v = last.attn.in_proj_weight.chunk(3)
     _, b_k, b_v = last.attn.in_proj_bias.chunk(3)
-    t = t + last.ls_1(last.attn.out_proj(F.linear(y, w_v, b_v)))  # value path only: (B, N, width)
-    t = t + last.ls_2(last.mlp(last.ln_2(t)))
+    if teacher == "maskclip":
+        t = t + last.ls_1(last.attn.out_proj(F.linear(y, w_v, b_v)))  # value path: (B, N, width)
+        t = t + last.ls_2(last.mlp(last.ln_2(t)))
+    else:
+        t = last_block_attention(last, t, y, h, w, teacher)
     t = visual.ln_post(t) @ visual.proj  # (B, N, D)
     feats = t[:, 1:].transpose(1, 2).reshape(B, -1, h, w)  # (B, h*w, D) -> (B, D, h, w)
     keys = None
@@ -353,17 +404,24 @@ def encode_text_fast(clip, tokens, batch_size=128):
 # ----------------------------------------------------------------------------------------------
 class MaskCLIP(nn.Module):
     """The frozen CLIP teacher: MaskCLIP dense features in CLIP's joint space plus text prototypes.
-    Unlike a plain CLIP it keeps the spatial map: one unit vector per patch, no global pooling."""
+    Unlike a plain CLIP it keeps the spatial map: one unit vector per patch, no global pooling.
+    teacher: maskclip (the paper's), or sclip, clearclip, naclip (ViTs; last_block_attention)."""
 
-    def __init__(self, clip, info):
+    def __init__(self, clip, info, teacher="maskclip"):
         super().__init__()
-        self.clip, self.info = clip, info
+        if teacher not in TEACHERS:
+            raise UserError(f"--teacher {teacher}: choose from {', '.join(TEACHERS)}")
+        self.clip, self.info = clip, {**info, "teacher": teacher}
         self.tokenizer = open_clip.get_tokenizer(info["name"])
         visual = clip.visual
         if isinstance(visual, ModifiedResNet):
+            if teacher != "maskclip":
+                raise UserError(f"--teacher {teacher} changes a ViT's last block; a ResNet CLIP "
+                                f"({info['name']}) has only --teacher maskclip")
             self.dense_fn, self.stride = resnet_dense, 32
         elif isinstance(visual, VisionTransformer):
-            self.dense_fn, self.stride = vit_dense, visual.patch_size[0]
+            self.dense_fn = lambda v, x, keys: vit_dense(v, x, keys, teacher)
+            self.stride = visual.patch_size[0]
         else:
             raise UserError(f"MaskCLIP needs an open_clip ModifiedResNet or VisionTransformer, "
                             f"not {type(visual).__name__}")
@@ -579,7 +637,8 @@ class PixelEmbedder(nn.Module):
 # Compatibility with older checkpoints lives here and only here: a flag that a run's saved args lack
 # takes the value that run was trained with, not today's default.
 OLD_RUN_DEFAULTS = {"aspp_rates": list(ASPP_RATES), "grid": "corner", "quick_gelu": "auto",
-                    "clip_config": None, "unknown_scale": 100.0, "eval_size": None}
+                    "clip_config": None, "unknown_scale": 100.0, "eval_size": None,
+                    "teacher": "maskclip"}
 
 
 def read_checkpoint(path, what="--checkpoint"):
@@ -607,7 +666,7 @@ def load_run(path, device="cpu"):
     f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a["aspp_rates"],
                       GRID_SHIFT[a["grid"]])
     f.load_state_dict(ck["model"])
-    return f.to(device).eval(), MaskCLIP(clip, info).to(device), ck
+    return f.to(device).eval(), MaskCLIP(clip, info, a["teacher"]).to(device), ck
 
 
 def pick_device(name):
@@ -629,6 +688,6 @@ def load_embedder(args, device, with_keys=False):
         f, teacher, run = load_run(args.checkpoint, device)
         return (lambda x: (f(x.to(device)), None)), f.stride, teacher, run
     teacher = MaskCLIP(*load_clip(args.clip, args.clip_pretrained, args.clip_config,
-                                  args.quick_gelu, device))
+                                  args.quick_gelu, device), getattr(args, "teacher", "maskclip"))
     return (lambda x: teacher.dense(x.to(device),
                                     with_keys=with_keys)), teacher.stride, teacher.to(device), None

@@ -379,7 +379,7 @@ def main(args):
     known, withheld = split_names(base.classes, args)
     clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu,
                            device)
-    teacher = MaskCLIP(clip, info).to(device)
+    teacher = MaskCLIP(clip, info, args.teacher).to(device)
     data = TwoViews(base, args.crop_size, args.size, teacher.stride, n_segments=args.superpixels,
                     cache_dir=out / "superpixels", seed=args.seed)
 

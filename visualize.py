@@ -36,7 +36,7 @@ from model import (MaskCLIP, add_clip_args, class_embeddings, class_scores, load
                    pick_device, resolve_clip_args)
 
 PRETTY = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4",
-          "segsort": "SegSort-only"}
+          "segsort": "SegSort-only", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
 GREEN, ORANGE = "#2ca02c", "#ff7f0e"
 
 
@@ -149,9 +149,11 @@ def load_methods(args, device, names):
             methods[-1]["unknown_text"] = class_embeddings(teacher, run["known"])
     if args.method:
         teacher = methods[0]["teacher"] if methods else MaskCLIP(*load_clip(
-            args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device)).to(device)
+            args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device),
+            args.teacher).to(device)
         known = [n for n in names if n not in args.unknown_classes]
-        methods.insert(0, dict(label="MaskCLIP", embed=teacher.dense, stride=teacher.stride,
+        name = PRETTY[teacher.info["teacher"]]
+        methods.insert(0, dict(label=name, embed=teacher.dense, stride=teacher.stride,
                                size=args.teacher_size or side, teacher=teacher, known=known,
                                unknown=None,
                                trained=False))

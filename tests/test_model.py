@@ -1,4 +1,5 @@
 """The frozen teacher against open_clip itself, on tiny random models (CPU, offline)."""
+import math
 import time
 
 import open_clip
@@ -315,3 +316,102 @@ def test_pixel_embedder_cells_centred_on_their_blocks():
     assert ((new - before - 4).abs() < 1).all(), (new, before)  # 4 pixels down and right
     # cell 8: 64-71
     assert ((new - 68).abs() < 2.5).all() and ((before - 68).abs() > 3.5).all(), (new, before)
+
+
+def tokens_before_last_block(visual, x):
+    """conv1, class token, positional embedding, ln_pre and every block but the last."""
+    t = visual.conv1(x)  # (B, width, h, w)
+    B, _, h, w = t.shape
+    t = t.flatten(2).transpose(1, 2)  # (B, h*w, width)
+    t = torch.cat([visual.class_embedding.expand(B, 1, -1), t], 1) + M.vit_pos_embed(visual, h, w)
+    t = visual.ln_pre(t)
+    assert getattr(visual.transformer, "batch_first", True)
+    for blk in visual.transformer.resblocks[:-1]:
+        t = blk(t)
+    return t, h, w
+
+
+def teacher_by_loops(visual, x, teacher, sigma=5.0):
+    """The last block of SCLIP, ClearCLIP and NACLIP from their formulas, one head, one query token
+    and one key token at a time: A_ij from softmax over j, output_i = sum_j A_ij v_j."""
+    t, h, w = tokens_before_last_block(visual, x)
+    last = visual.transformer.resblocks[-1]
+    y = last.ln_1(t)
+    (wq, wk, wv), (bq, bk, bv) = last.attn.in_proj_weight.chunk(3), last.attn.in_proj_bias.chunk(3)
+    q, k, v = y @ wq.T + bq, y @ wk.T + bk, y @ wv.T + bv  # (B, N, width)
+    B, N, C = y.shape
+    H = last.attn.num_heads
+    c, s = C // H, (C // H) ** -0.5
+
+    def omega(i, j):  # token 0 is the class token; token 1 + p is patch p = (p // w, p % w)
+        if i == 0 or j == 0:
+            return 0.0
+        (yi, xi), (yj, xj) = divmod(i - 1, w), divmod(j - 1, w)
+        return math.exp(-((yi - yj) ** 2 + (xi - xj) ** 2) / (2 * sigma ** 2))
+
+    def softmax(logits):
+        e = [math.exp(v - max(logits)) for v in logits]
+        return [v / sum(e) for v in e]
+    out = torch.zeros_like(y)
+    for b in range(B):
+        for head in range(H):
+            hs = slice(head * c, (head + 1) * c)
+            for i in range(N):
+                row = [0.0] * N
+                if teacher in ("sclip", "clearclip"):
+                    qq = softmax([s * float(q[b, i, hs] @ q[b, j, hs]) for j in range(N)])
+                    row = [r + a for r, a in zip(row, qq)]
+                if teacher == "sclip":
+                    kk = softmax([s * float(k[b, i, hs] @ k[b, j, hs]) for j in range(N)])
+                    row = [r + a for r, a in zip(row, kk)]
+                if teacher == "naclip":
+                    row = softmax([s * float(k[b, i, hs] @ k[b, j, hs]) + omega(i, j)
+                                   for j in range(N)])
+                out[b, i, hs] = sum(row[j] * v[b, j, hs] for j in range(N))
+    o = last.attn.out_proj(out)
+    if teacher == "sclip":  # residual and MLP kept
+        o = t + o
+        o = o + last.mlp(last.ln_2(o))
+    o = visual.ln_post(o) @ visual.proj  # (B, N, D)
+    return o[:, 1:].transpose(1, 2).reshape(B, -1, h, w)
+
+
+@pytest.mark.parametrize("teacher", ["sclip", "clearclip", "naclip"])
+@pytest.mark.parametrize("size", [(32, 32), (48, 64)])
+def test_newer_teachers_match_their_formulas(vit, teacher, size):
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, _ = M.vit_dense(vit.visual, x, teacher=teacher)
+        ref = teacher_by_loops(vit.visual, x, teacher)
+        maskclip, _ = M.vit_dense(vit.visual, x)
+    assert ours.shape == (1, 32, size[0] // 8, size[1] // 8)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, maskclip, atol=1e-3)  # it is another teacher
+
+
+def test_maskclip_is_still_the_value_path_bit_for_bit(vit):
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        t, h, w = tokens_before_last_block(vit.visual, x)
+        last = vit.visual.transformer.resblocks[-1]
+        _, _, w_v = last.attn.in_proj_weight.chunk(3)
+        _, _, b_v = last.attn.in_proj_bias.chunk(3)
+        t = t + last.ls_1(last.attn.out_proj(F.linear(last.ln_1(t), w_v, b_v)))
+        t = t + last.ls_2(last.mlp(last.ln_2(t)))
+        t = vit.visual.ln_post(t) @ vit.visual.proj
+        ref = t[:, 1:].transpose(1, 2).reshape(2, -1, h, w)
+        teacher = M.MaskCLIP(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None,
+                                   "quick_gelu": False})
+        ours, _ = M.vit_dense(vit.visual, x, teacher="maskclip")
+    assert torch.equal(ours, ref) and teacher.info["teacher"] == "maskclip"
+
+
+def test_naclip_neighbourhood_and_resnet_refusal(rn):
+    omega = M.neighbourhood_bias(3, 4, sigma=5.0)
+    assert omega.shape == (13, 13) and torch.equal(omega, omega.T)
+    assert torch.equal(omega.diagonal()[1:], torch.ones(12)) and not omega[0].any()
+    assert omega[1, 2] == pytest.approx(math.exp(-1 / 50))  # patches (0, 0) and (0, 1)
+    assert omega[1, 6] == pytest.approx(math.exp(-2 / 50))  # patches (0, 0) and (1, 1)
+    info = {"name": "tiny-rn", "pretrained": "none", "weights": None, "quick_gelu": False}
+    with pytest.raises(M.UserError, match="ResNet"):
+        M.MaskCLIP(rn, info, "sclip")

@@ -234,3 +234,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy_world, tmp_pat
         train.main(args_for(root, tmp_path / "nan", "--iters", "10", "--save-every", "2"))
     assert e.value.code == 1
     assert torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)["step"] == 4
+
+
+def test_teacher_choice_travels_with_the_checkpoint(toy_world, tmp_path):
+    """--teacher clearclip trains from ClearCLIP's map; load_run and evaluate.py's teacher row
+    rebuild that teacher, not MaskCLIP."""
+    import evaluate
+    root, _ = toy_world
+    train.main(args_for(root, tmp_path / "cc", "--iters", "1", "--teacher", "clearclip"))
+    _, teacher, ck = M.load_run(tmp_path / "cc" / "ckpt.pt")
+    assert teacher.info["teacher"] == "clearclip" and ck["args"]["teacher"] == "clearclip"
+    common = ["--dataset", "toy", "--data-root", str(root), "--limit", "4"]
+    run = str(tmp_path / "cc" / "ckpt.pt")
+    both = evaluate.main(evaluate.get_args(common + ["--checkpoint", run, "--with-teacher"]))
+    alone = evaluate.main(evaluate.get_args(common + ["--method", "maskclip", "--teacher",
+                                                      "clearclip"]))
+    plain = evaluate.main(evaluate.get_args(common + ["--method", "maskclip"]))
+    assert both["teacher"]["mIoU"] == pytest.approx(alone["mIoU"])
+    assert abs(alone["mIoU"] - plain["mIoU"]) > 1e-3  # ClearCLIP's map is not MaskCLIP's
