@@ -28,7 +28,8 @@ from PIL import Image
 
 from data import (COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, knn_vote,
                   superpixels)
-from model import (TEACHERS, MaskCLIP, PixelEmbedder, class_scores, encode_text_fast,
+from clip_loading import TEACHERS
+from model import (MaskCLIP, PixelEmbedder, class_scores, encode_text_fast,
                    read_templates)
 
 

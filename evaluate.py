@@ -25,8 +25,8 @@ import torch
 
 from data import (CONTEXT_FOLDS, DATASETS, EvalImages, SegDataset, UserError, language_confusion,
                   per_class_line, segmentation_metrics, write_json)
-from model import (add_clip_args, class_scores, key_smoothing, load_embedder, pick_device,
-                   prompt_denoising, resolve_clip_args)
+from clip_loading import add_clip_args, resolve_clip_args
+from model import class_scores, key_smoothing, load_embedder, pick_device, prompt_denoising
 
 # The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name
 # known, by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std)

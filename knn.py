@@ -44,7 +44,8 @@ from data import (DATASETS, IGNORE, EvalImages, SegDataset, UserError, atomic_sa
                   confusion_matrix, knn_vote, majority_labels, per_class_line, resize_for_teacher,
                   resize_labels, segmentation_metrics, write_json)
 from losses import image_segments
-from model import add_clip_args, load_embedder, pick_device, resolve_clip_args
+from clip_loading import add_clip_args, resolve_clip_args
+from model import load_embedder, pick_device
 
 # The supplementary's k-NN numbers on Pascal VOC 2012 (21 classes): Table 3 (pAcc, mAcc) and Table 4
 # (per-class IoU, background first, VOC order).

@@ -26,8 +26,9 @@ from PIL import Image
 
 from data import (UserError, atomic_save, list_images, load_image, palette, resize_for_teacher,
                   resize_labels, save_label_png)
-from model import (CACHE_DIR, add_clip_args, class_scores, key_smoothing, load_embedder,
-                   parse_class_names, pick_device, prompt_denoising, resolve_clip_args)
+from clip_loading import add_clip_args, resolve_clip_args
+from model import (CACHE_DIR, class_scores, key_smoothing, load_embedder, parse_class_names,
+                   pick_device, prompt_denoising)
 
 
 def label_shares(labels, num_classes):

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from data import (IGNORE, UserError, atomic_save, confusion_matrix, load_image,
                   segmentation_metrics)
-from model import IMAGENET_MEAN, IMAGENET_STD, MaskCLIP, load_clip
+from clip_loading import load_clip
+from model import IMAGENET_MEAN, IMAGENET_STD, MaskCLIP
 
 # ----------------------------------------------------------------------------------------------
 # The world: 8 kinds of stuff that fill space, 6 kinds of things with shape and colour

@@ -28,8 +28,9 @@ from data import (CONTEXT_FOLDS, DATASETS, EVAL_SIDE, EvalImages, SegDataset, Tw
                   atomic_save, collate, language_confusion, segmentation_metrics, warp)
 from losses import (UnknownPrototypes, clip_s4_objective, kmeans_segments, maskclip_plus_objective,
                     pixel_sample, regions_on_grid, segsort_objective)
-from model import (ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, add_clip_args, class_embeddings,
-                   class_scores, load_clip, pick_device, read_checkpoint, resolve_clip_args)
+from clip_loading import add_clip_args, load_clip, resolve_clip_args
+from model import (ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, class_embeddings, class_scores,
+                   pick_device, read_checkpoint)
 
 # Per-dataset defaults, printed at start and kept in args.json; a flag given on the command line
 # wins. The paper's datasets need none: the flags' own defaults are the paper's setting. The toy

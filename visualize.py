@@ -32,8 +32,8 @@ from tqdm import tqdm
 from data import (DATASETS, EVAL_SIDE, IGNORE, SegDataset, UserError, majority_labels, palette,
                   resize_for_teacher)
 from losses import UnknownPrototypes, image_segments, segment_means
-from model import (MaskCLIP, add_clip_args, class_embeddings, class_scores, load_clip, load_run,
-                   pick_device, resolve_clip_args)
+from clip_loading import add_clip_args, load_clip, resolve_clip_args
+from model import MaskCLIP, class_embeddings, class_scores, load_run, pick_device
 
 PRETTY = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4",
           "segsort": "SegSort-only", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 
+import clip_loading as C
 import model as M
 from data import UserError
 
@@ -15,13 +16,13 @@ from data import UserError
 @pytest.fixture(scope="module")
 def vit(tiny_configs):
     torch.manual_seed(0)
-    return M.load_clip(pretrained="none", config=tiny_configs["vit"])[0]
+    return C.load_clip(pretrained="none", config=tiny_configs["vit"])[0]
 
 
 @pytest.fixture(scope="module")
 def rn(tiny_configs):
     torch.manual_seed(0)
-    return M.load_clip(pretrained="none", config=tiny_configs["rn"])[0]
+    return C.load_clip(pretrained="none", config=tiny_configs["rn"])[0]
 
 
 def identity_last_attention(visual):
@@ -50,7 +51,7 @@ def openclip_tokens(visual, x):
 def test_vit_dense_equals_openclip_with_identity_attention(vit, tiny_configs):
     x = torch.randn(2, 3, 32, 32)
     ours, _ = M.vit_dense(vit.visual, x)
-    ref_model = M.load_clip(pretrained="none", config=tiny_configs["vit"])[0]
+    ref_model = C.load_clip(pretrained="none", config=tiny_configs["vit"])[0]
     ref_model.load_state_dict(vit.state_dict())
     identity_last_attention(ref_model.visual)
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_vit_dense_non_square_equals_openclip_resized(vit):
 def test_resnet_dense_mean_equals_uniform_attention_pool(rn, tiny_configs):
     """With q, k zeroed the attention pool averages its values uniformly; with no positional
     embedding that is c_proj(v_proj(mean x)), which is the mean of the MaskCLIP map."""
-    ref = M.load_clip(pretrained="none", config=tiny_configs["rn"])[0]
+    ref = C.load_clip(pretrained="none", config=tiny_configs["rn"])[0]
     ref.load_state_dict(rn.state_dict())
     pool = ref.visual.attnpool
     for p in (pool.q_proj.weight, pool.q_proj.bias, pool.k_proj.weight, pool.k_proj.bias,
@@ -94,7 +95,7 @@ def test_resnet_dense_mean_equals_uniform_attention_pool(rn, tiny_configs):
 
 @pytest.mark.parametrize("which", ["vit", "rn"])
 def test_teacher_dense_is_unit_norm_any_size(which, tiny_configs):
-    clip, info = M.load_clip(pretrained="none", config=tiny_configs[which])
+    clip, info = C.load_clip(pretrained="none", config=tiny_configs[which])
     teacher = M.MaskCLIP(clip, info)
     s = teacher.stride
     feats, keys = teacher.dense(torch.rand(1, 3, 3 * s, 5 * s), with_keys=True)
@@ -106,7 +107,7 @@ def test_teacher_dense_is_unit_norm_any_size(which, tiny_configs):
 def test_teacher_follows_its_clip_device(tiny_configs):
     """MaskCLIP wrapped around a CLIP that was already moved keeps its normalisation on the same
     device (the meta device stands in for CUDA here: no memory, no GPU needed)."""
-    clip, info = M.load_clip(pretrained="none", config=tiny_configs["vit"])
+    clip, info = C.load_clip(pretrained="none", config=tiny_configs["vit"])
     teacher = M.MaskCLIP(clip.to("meta"), info)
     assert teacher.mean.device.type == "meta" and teacher.device.type == "meta"
 
@@ -163,19 +164,19 @@ def test_unreadable_text_cache_is_computed_again(vit, tmp_path, capsys):
 def test_clip_flags_default_to_the_toy_clip_on_the_toy_dataset():
     import argparse
     p = argparse.ArgumentParser()
-    M.add_clip_args(p)
+    C.add_clip_args(p)
     p.add_argument("--dataset", default="voc")
     p.add_argument("--data-root", default=None)
-    a = M.resolve_clip_args(p.parse_args(["--dataset", "toy", "--data-root", "/w"]))
+    a = C.resolve_clip_args(p.parse_args(["--dataset", "toy", "--data-root", "/w"]))
     assert (a.clip, a.clip_config, a.clip_pretrained) == (
         "toyclip",
         "/w/toyclip.json",
         "/w/toyclip.pt",
     )
     # a choice made: kept
-    b = M.resolve_clip_args(p.parse_args(["--dataset", "toy", "--clip", "RN50"]))
+    b = C.resolve_clip_args(p.parse_args(["--dataset", "toy", "--clip", "RN50"]))
     assert (b.clip, b.clip_pretrained, b.clip_config) == ("RN50", "openai", None)
-    c = M.resolve_clip_args(p.parse_args([]))
+    c = C.resolve_clip_args(p.parse_args([]))
     assert (c.clip, c.clip_pretrained, c.clip_config) == ("ViT-B-16", "openai", None)
 
 
@@ -237,17 +238,17 @@ def test_openai_tag_gets_quickgelu_from_cache(vit, tmp_path, monkeypatch):
         P._PRETRAINED, "tiny-vit", {"openai": P._pcfg(hf_hub="test/tiny-vit/", quick_gelu=True)}
     )
     fake_hub_cache(tmp_path, "test/tiny-vit", "open_clip_pytorch_model.bin", vit.state_dict())
-    model, info = M.load_clip("tiny-vit", "openai", cache_dir=str(tmp_path))
+    model, info = C.load_clip("tiny-vit", "openai", cache_dir=str(tmp_path))
     assert info["quick_gelu"] and is_quick(model)
     torch.testing.assert_close(model.visual.proj, vit.visual.proj)
-    off, _ = M.load_clip("tiny-vit", "openai", quick_gelu="off", cache_dir=str(tmp_path))
+    off, _ = C.load_clip("tiny-vit", "openai", quick_gelu="off", cache_dir=str(tmp_path))
     assert not is_quick(off)
 
 
 def test_offline_uncached_tag_fails_fast_with_advice(tmp_path):
     t = time.perf_counter()
     with pytest.raises(UserError) as e:
-        M.load_clip("ViT-B-16", "openai", cache_dir=str(tmp_path))
+        C.load_clip("ViT-B-16", "openai", cache_dir=str(tmp_path))
     assert time.perf_counter() - t < 10
     msg = str(e.value)
     assert (
@@ -259,7 +260,7 @@ def test_local_fp16_and_torchscript_weights(vit, tiny_configs, tmp_path):
     half = tmp_path / "half.pt"
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in vit.state_dict().items()},
                half)
-    m, info = M.load_clip(pretrained=str(half), config=tiny_configs["vit"])
+    m, info = C.load_clip(pretrained=str(half), config=tiny_configs["vit"])
     assert not info["quick_gelu"] and m.visual.proj.dtype == torch.float32
     torch.testing.assert_close(m.visual.proj, vit.visual.proj.half().float())
     # OpenAI ships TorchScript archives: QuickGELU is chosen for them
@@ -267,7 +268,7 @@ def test_local_fp16_and_torchscript_weights(vit, tiny_configs, tmp_path):
     traced = torch.jit.trace(vit, (torch.rand(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)),
                              strict=False)
     traced.save(str(jit))
-    m, info = M.load_clip(pretrained=str(jit), config=tiny_configs["vit"])
+    m, info = C.load_clip(pretrained=str(jit), config=tiny_configs["vit"])
     assert info["quick_gelu"] and is_quick(m)
     torch.testing.assert_close(m.visual.proj, vit.visual.proj)
 
@@ -278,19 +279,19 @@ def test_local_fp16_and_torchscript_weights(vit, tiny_configs, tmp_path):
     (dict(name="tiny-vit", pretrained="no-such-tag"), "tag"),
 ])
 def test_loading_errors(tiny_configs, kwargs, needle):
-    M.register_clip_config(tiny_configs["vit"])
+    C.register_clip_config(tiny_configs["vit"])
     with pytest.raises(UserError, match=needle):
-        M.load_clip(**kwargs)
+        C.load_clip(**kwargs)
 
 
 def test_wrong_weights_file(rn, tiny_configs, tmp_path):
     f = tmp_path / "rn.pt"
     torch.save(rn.state_dict(), f)
     with pytest.raises(UserError, match="does not fit"):
-        M.load_clip(pretrained=str(f), config=tiny_configs["vit"])
+        C.load_clip(pretrained=str(f), config=tiny_configs["vit"])
     f.write_text("not weights")
     with pytest.raises(UserError, match="cannot read"):
-        M.load_clip(pretrained=str(f), config=tiny_configs["vit"])
+        C.load_clip(pretrained=str(f), config=tiny_configs["vit"])
 
 
 def test_pixel_embedder_cells_centred_on_their_blocks():

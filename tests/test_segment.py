@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_loading as C
 import data
-import model as M
 import segment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_weights(tiny_configs, tmp_path_factory):
     torch.manual_seed(0)
-    clip, _ = M.load_clip(pretrained="none", config=tiny_configs["vit"])
+    clip, _ = C.load_clip(pretrained="none", config=tiny_configs["vit"])
     f = tmp_path_factory.mktemp("weights") / "tiny.pt"
     torch.save(clip.state_dict(), f)
     return ["--clip-config", str(tiny_configs["vit"]), "--clip-pretrained", str(f), "--size", "32"]

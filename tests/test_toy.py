@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 import data
+import clip_loading as C
 import model as M
 import segment
 import toy
@@ -45,7 +46,7 @@ def test_micro_clip_learns_and_loads_like_any_checkpoint(toy_world):
     root, result = toy_world
     losses = result["losses"]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2
-    clip, info = M.load_clip(pretrained=str(root / "toyclip.pt"), config=root / "toyclip.json")
+    clip, info = C.load_clip(pretrained=str(root / "toyclip.pt"), config=root / "toyclip.json")
     saved = torch.load(root / "toyclip.pt", weights_only=True)
     torch.testing.assert_close(clip.visual.proj, saved["visual.proj"])
     assert 0 <= result["maskclip"]["mIoU"] <= 100

@@ -10,7 +10,8 @@ from PIL import Image
 import train
 import visualize as V
 from data import SegDataset, UserError
-from model import MaskCLIP, load_clip
+from clip_loading import load_clip
+from model import MaskCLIP
 
 from test_train import args_for
 
