@@ -26,7 +26,8 @@ import torch
 from data import (CONTEXT_FOLDS, DATASETS, EvalImages, SegDataset, UserError, language_confusion,
                   per_class_line, segmentation_metrics, write_json)
 from clip_loading import add_clip_args, resolve_clip_args
-from model import class_scores, key_smoothing, load_embedder, pick_device, prompt_denoising
+from model import (DISPLAY_NAMES, class_scores, key_smoothing, load_embedder, pick_device,
+                   prompt_denoising)
 
 # The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name
 # known, by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std)
@@ -43,8 +44,6 @@ PAPER = {
     ("context-folds", "clip-s4"): ("54.4±1.0", "52.3±0.5"),
 }
 
-NAMES = {"maskclip": "MaskCLIP", "clip-s4": "CLIP-S4", "maskclip+": "MaskCLIP+",
-         "segsort": "SegSort-only", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
 
 
 def get_args(argv=None):
@@ -296,7 +295,8 @@ def main(args):
     if teacher:
         t = teacher[4]
         result["teacher"] = t
-        print(f"\n{NAMES[teacher[0]]} {t['mIoU']:.1f} -> {NAMES.get(rows[0][0], rows[0][0])} "
+        print(f"\n{DISPLAY_NAMES[teacher[0]]} {t['mIoU']:.1f} -> "
+              f"{DISPLAY_NAMES.get(rows[0][0], rows[0][0])} "
               f"{result['mIoU']:.1f} mIoU ({result['mIoU'] - t['mIoU']:+.1f})"
               + (f"; unknown names {t['unknown']['mIoU']:.1f} -> {result['unknown']['mIoU']:.1f}"
                  if "unknown" in t and "unknown" in result else ""))

@@ -27,7 +27,8 @@ probe from its last save, or scores a finished one:
     python knn.py --dataset toy --checkpoint runs/toy/ckpt.pt --probe --probe-iters 500 \
         --crop-size 96
 On VOC the supplementary's numbers (Table 3: pAcc, mAcc; Table 4: per-class k-NN IoU) are printed
-beside ours. """
+beside ours.
+"""
 import argparse
 import hashlib
 import json
@@ -41,8 +42,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (DATASETS, IGNORE, EvalImages, SegDataset, UserError, atomic_save,
-                  confusion_matrix, knn_vote, majority_labels, per_class_line, resize_for_teacher,
-                  resize_labels, segmentation_metrics, write_json)
+                  confusion_matrix, knn_vote, language_confusion, majority_labels, per_class_line,
+                  resize_for_teacher, resize_labels, segmentation_metrics, write_json)
 from losses import image_segments
 from clip_loading import add_clip_args, resolve_clip_args
 from model import load_embedder, pick_device
@@ -242,16 +243,9 @@ def linear_probe(args, embed, stride, label, ident, device, train, val, K):
               f"saved to {path}")
         if step < args.probe_iters:
             sys.exit(0)  # --stop-after: the same command continues it
-    cm = np.zeros((K, K), np.int64)
-    data = EvalImages(val, args.size, stride)
-    with torch.no_grad():
-        for i in tqdm(range(len(data)), desc="probe on val"):
-            item = data[i]
-            logits = clf(embed(item["image"][None].to(device)).float())
-            pred = F.interpolate(logits, size=item["label"].shape, mode="bilinear",
-                                 align_corners=False)[0].argmax(0)
-            cm += confusion_matrix(pred.cpu().numpy(), item["label"].numpy(), K)
-    return cm
+    with torch.no_grad():  # the language-driven protocol, the probe in place of the text
+        return language_confusion(lambda x: clf(embed(x.to(device)).float()),
+                                  EvalImages(val, args.size, stride), K, desc="probe on val")
 
 
 def main(args):

@@ -254,13 +254,13 @@ class Validation:
     """Language-driven mIoU and pAcc of f on the first --eval-images val images during training,
     beside the teacher's on the same images (scored once). The first process runs it alone."""
 
-    def __init__(self, args, teacher, device):
+    def __init__(self, args, teacher, stride, device):
         base = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names)
         side = EVAL_SIDE.get(args.dataset, 512)
         self.n, self.device, self.K = args.eval_images, device, len(base.classes)
         self.names = [c.split(";")[0] for c in base.classes]
         self.protos, self.owner = teacher.text_prototypes(base.classes)
-        self.images = EvalImages(base, args.eval_size or side, 8)
+        self.images = EvalImages(base, args.eval_size or side, stride)  # f's inputs
         self.teacher = self.score(lambda x: teacher.dense(x)[0],
                                   EvalImages(base, side, teacher.stride))
         self.best = {"step": None, "mIoU": float("-inf")}
@@ -403,7 +403,7 @@ def main(args):
              "scaler": scaler}
 
     # ---- resume: the newest readable checkpoint, with the run's own network flags ----
-    val = Validation(args, teacher, device) if lead and args.eval_every else None
+    val = Validation(args, teacher, f.stride, device) if lead and args.eval_every else None
     step, ck = 0, read_resume(out) if args.resume else None
     if ck is not None:
         restore(ck, args, state, device)

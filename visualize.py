@@ -33,10 +33,8 @@ from data import (DATASETS, EVAL_SIDE, IGNORE, SegDataset, UserError, majority_l
                   resize_for_teacher)
 from losses import UnknownPrototypes, image_segments, segment_means
 from clip_loading import add_clip_args, load_clip, resolve_clip_args
-from model import MaskCLIP, class_embeddings, class_scores, load_run, pick_device
+from model import DISPLAY_NAMES, MaskCLIP, class_embeddings, class_scores, load_run, pick_device
 
-PRETTY = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4",
-          "segsort": "SegSort-only", "sclip": "SCLIP", "clearclip": "ClearCLIP", "naclip": "NACLIP"}
 GREEN, ORANGE = "#2ca02c", "#ff7f0e"
 
 
@@ -140,7 +138,7 @@ def load_methods(args, device, names):
             unknown.load_state_dict(run["unknown"])
             unknown = unknown if bool(unknown.started) else None
         size = args.size or run["args"]["eval_size"] or side
-        methods.append(dict(label=PRETTY.get(run["method"], run["method"]), embed=f,
+        methods.append(dict(label=DISPLAY_NAMES.get(run["method"], run["method"]), embed=f,
                             stride=f.stride, size=size,
                             teacher=teacher, known=[c.split(";")[0] for c in run["known"]],
                             unknown=unknown,
@@ -152,7 +150,7 @@ def load_methods(args, device, names):
             args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device),
             args.teacher).to(device)
         known = [n for n in names if n not in args.unknown_classes]
-        name = PRETTY[teacher.info["teacher"]]
+        name = DISPLAY_NAMES[teacher.info["teacher"]]
         methods.insert(0, dict(label=name, embed=teacher.dense, stride=teacher.stride,
                                size=args.teacher_size or side, teacher=teacher, known=known,
                                unknown=None,
