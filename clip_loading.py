@@ -217,3 +217,15 @@ def resolve_clip_args(args):
     args.clip = args.clip or (Path(args.clip_config).stem if args.clip_config else "ViT-B-16")
     args.clip_pretrained = args.clip_pretrained or "openai"
     return args
+
+
+def vision_stride(args):
+    """The teacher's patch size (a ResNet tower: 32) read from --clip-config or open_clip's config
+    of --clip, without building the model; 16 when the name is unknown."""
+    try:
+        cfg = (json.loads(Path(args.clip_config).read_text()) if args.clip_config
+               else open_clip.get_model_config(args.clip) or {})
+    except (OSError, json.JSONDecodeError):
+        return 16
+    vision = cfg.get("vision_cfg", {})
+    return 32 if isinstance(vision.get("layers"), (list, tuple)) else vision.get("patch_size", 16)

@@ -386,6 +386,18 @@ class SegDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def typical_side(self, n=50):
+        """The median short side of the first n images, read from their headers (no decoding);
+        None when none can be read."""
+        sides = []
+        for _, path, _ in self.items[:n]:
+            try:
+                with Image.open(path) as im:
+                    sides.append(min(im.size))
+            except (OSError, UnidentifiedImageError, ValueError):
+                continue
+        return int(np.median(sides)) if sides else None
+
     def load(self, i):
         """Read item i, checking the label against the image and the class list."""
         sid, ip, lp = self.items[i]
@@ -496,15 +508,11 @@ class TwoViews(torch.utils.data.Dataset):
     Deterministic under `seed`: sample i of epoch e uses its own generator, whatever the workers."""
 
     def __init__(self, base, crop_size=336, teacher_side=448, stride=16, max_side=1344,
-                 n_segments=64,
-                 cache_dir=None, seed=0):
-        self.base, self.crop, self.teacher_side, self.stride, self.max_side = (
-            base,
-            crop_size,
-            teacher_side,
-            stride,
-            max_side,
-        )
+                 n_segments=64, cache_dir=None, seed=0, scale=(0.25, 1.0), jitter=0.4,
+                 gray=0.2):
+        self.base, self.crop, self.teacher_side = base, crop_size, teacher_side
+        self.stride, self.max_side, self.scale = stride, max_side, tuple(scale)
+        self.strength, self.gray = (jitter, jitter, jitter, jitter / 4), gray  # SimCLR's ratios
         self.n_segments, self.cache_dir, self.seed, self.epoch = n_segments, cache_dir, seed, 0
 
     def __len__(self):
@@ -528,11 +536,11 @@ class TwoViews(torch.utils.data.Dataset):
             None, None
         ]
         src = image_tensor(img)  # (1, 3, H, W)
-        boxes = torch.tensor([random_box(g, W / H) for _ in range(2)])  # (V, 4)
+        boxes = torch.tensor([random_box(g, W / H, self.scale) for _ in range(2)])  # (V, 4)
         flips = torch.rand(2, generator=g) < 0.5
         size = (self.crop, self.crop)
         views = warp(src.expand(2, -1, -1, -1), boxes, flips, size)  # (V, 3, S, S)
-        views = torch.stack([colour_jitter(v, g) for v in views])
+        views = torch.stack([colour_jitter(v, g, self.strength, p_gray=self.gray) for v in views])
         regions = warp(seg.expand(2, -1, -1, -1), boxes, flips, size, mode="nearest", pad=-1.0)
         return {"views": views, "boxes": boxes, "flips": flips, "regions": regions[:, 0].long(),
                 "source": resize_for_teacher(img, self.teacher_side, self.stride, self.max_side),
@@ -541,15 +549,25 @@ class TwoViews(torch.utils.data.Dataset):
 
 # MaskCLIP's test sides; toy: its CLIP's
 EVAL_SIDE = {"voc": 512, "context": 520, "cocostuff": 512, "toy": 64}
+SMALL_SIDE = 224  # images with a shorter side are "small": scored at their own size
+
+
+def test_side(base):
+    """The short side a dataset is scored at by default: MaskCLIP's for the paper's datasets, the
+    images' own (median) side for small images of a folder, else 512."""
+    if base.name in EVAL_SIDE:
+        return EVAL_SIDE[base.name]
+    side = base.typical_side()
+    return side if side and side < SMALL_SIDE else 512
 
 
 class EvalImages(torch.utils.data.Dataset):
-    """Evaluation samples: the image resized to short side `side` (default EVAL_SIDE of the dataset:
-    512, 520 for Context), sides multiples of `stride`, as (3, h, w) float in [0, 1]; the label at
+    """Evaluation samples: the image resized to short side `side` (default test_side(base): 512,
+    520 for Context), sides multiples of `stride`, as (3, h, w) float in [0, 1]; the label at
     original size (H, W) long, 255 = ignore."""
 
     def __init__(self, base, side=None, stride=16, max_side=2048):
-        side = side or EVAL_SIDE.get(base.name, 512)
+        side = side or test_side(base)
         self.base, self.side, self.stride, self.max_side = base, side, stride, max_side
 
     def __len__(self):

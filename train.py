@@ -7,6 +7,9 @@ Class-free Pascal Context (fold 0's names withheld everywhere):
         --out-dir runs/ctx_f0
 The toy world on 2 CPU cores, after `python toy.py` (its preset is printed at start):
     python train.py --dataset toy
+Your own small images (folder layout, short side under 224 px: the same small-image recipe):
+    python train.py --dataset folder --data-root DIR --clip-config my_clip.json \
+        --clip-pretrained my_clip.pt --backbone-weights resnet18.pt --out-dir runs/mine
 Baselines in the same harness: --method maskclip+ (pseudo-labels, then self-training), segsort.
 A killed or stopped run continues with the same command and --resume. Several GPUs (or CPU
 processes with gloo), --batch-size per process:
@@ -24,24 +27,64 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (CONTEXT_FOLDS, DATASETS, EVAL_SIDE, EvalImages, SegDataset, TwoViews, UserError,
-                  atomic_save, collate, language_confusion, segmentation_metrics, warp)
+from data import (CONTEXT_FOLDS, DATASETS, SMALL_SIDE, EvalImages, SegDataset, TwoViews, UserError,
+                  atomic_save, collate, language_confusion, segmentation_metrics, test_side,
+                  warp)
 from losses import (UnknownPrototypes, clip_s4_objective, kmeans_segments, maskclip_plus_objective,
                     pixel_sample, regions_on_grid, segsort_objective)
-from clip_loading import add_clip_args, load_clip, resolve_clip_args
+from clip_loading import add_clip_args, load_clip, resolve_clip_args, vision_stride
 from model import (ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, class_embeddings, class_scores,
                    pick_device, read_checkpoint)
 
 # Per-dataset defaults, printed at start and kept in args.json; a flag given on the command line
-# wins. The paper's datasets need none: the flags' own defaults are the paper's setting. The toy
-# preset fits 2 CPU cores (docs/toy-world.md): 96-px views of the 64-px scenes, the toy CLIP at its
-# own 64 px, f a ResNet-18 from the toy ImageNet weights that toy.py writes next to the scenes.
-PRESETS = {
-    "toy": dict(size=64, crop_size=96, eval_size=96, backbone="resnet18",
-                backbone_weights="{data_root}/resnet18_toy.pt", head_dim=128, iters=150,
-                batch_size=8, lr=0.01, warmup=20, unknown_protos=8, eval_every=50,
-                out_dir="runs/toy"),
-}
+# wins. The paper's datasets need none: the flags' own defaults are the paper's setting. Small
+# images (a short side under SMALL_SIDE, as the toy world's 64 px or a small dataset of your own in
+# the folder layout) get settings that follow from their size and the teacher's patch stride.
+
+
+def small_image_recipe(side, stride):
+    """The recipe for images of short side `side` < SMALL_SIDE seen by a teacher of patch `stride`
+    (docs/method.md, section 9b), sized to train in about 10 minutes on 2 CPU cores:
+      --size       the images' own side rounded to the stride: the teacher sees them as they are;
+      --crop-size  and --eval-size 1.5 x side (a multiple of 8): f's stride-8 grid 1.5x finer
+                   than the side / 8 and the teacher's side / stride;
+      --aspp-rates DeepLab-v2's (6, 12, 18, 24) scaled by f's grid side / 42, the paper's grid
+                   (336 / 8), so the branches look at the same share of the view (at least 1);
+      --jitter 0 --grayscale 0: no photometric change of the views. A small image's things are
+                   known by colour more than by shape, and the teacher's label of a thing (from
+                   the untouched source) cannot be read off a grey or hue-shifted view; with
+                   SimCLR's jitter the student loses the things (docs/results.md);
+      --view-scale 0.5 1: crops of at least half the image, not a quarter: a thing of a few
+                   pixels stays near the size it has at test time;
+      f            a ResNet-18 with a 128-channel head, 250 steps of 8 images, lr 0.01, warm-up 20,
+                   8 unknown prototypes, validation every 50 steps."""
+    f_side = max(8, 8 * round(1.5 * side / 8))
+    rates = [max(1, round(r * (f_side // 8) / 42)) for r in ASPP_RATES]
+    return dict(size=max(stride, stride * round(side / stride)), crop_size=f_side,
+                eval_size=f_side, aspp_rates=rates, jitter=0.0, grayscale=0.0,
+                view_scale=[0.5, 1.0], backbone="resnet18", head_dim=128, iters=250, batch_size=8,
+                lr=0.01, warmup=20, unknown_protos=8, eval_every=50)
+
+
+def preset_for(first):
+    """The preset of a command line (parsed once without it): on --dataset toy the small-image
+    recipe of the toy world's images and CLIP, with f from the toy ImageNet weights toy.py wrote
+    next to the scenes; on --dataset folder the same recipe when the images are small; none
+    otherwise."""
+    root = first.data_root or f"data/{first.dataset}"
+    if first.dataset not in ("toy", "folder"):
+        return {}
+    try:
+        side = SegDataset(first.dataset, root, first.split).typical_side()
+    except UserError:
+        side = None
+    first = resolve_clip_args(argparse.Namespace(**vars(first)))
+    if first.dataset == "toy":
+        return {**small_image_recipe(side or 64, vision_stride(first)),
+                "backbone_weights": f"{root}/resnet18_toy.pt", "out_dir": "runs/toy"}
+    if side is None or side >= SMALL_SIDE:
+        return {}
+    return small_image_recipe(side, vision_stride(first))
 
 
 def get_args(argv=None):
@@ -66,6 +109,12 @@ def get_args(argv=None):
     arg("--split", default="train", help="split to train on")
     arg("--crop-size", type=int, default=336, help="side of each augmented view (paper: 336)")
     arg("--superpixels", type=int, default=64, help="SLIC regions per image [choice]")
+    arg("--view-scale", type=float, nargs=2, default=[0.25, 1.0],
+        help="area range of each view's random crop, a share of the source [choice]")
+    arg("--jitter", type=float, default=0.4,
+        help="colour jitter of the views: brightness, contrast, saturation, hue/4 [choice: "
+             "SimCLR's]; 0 = none")
+    arg("--grayscale", type=float, default=0.2, help="chance a view is grey [choice: SimCLR's]")
     arg("--workers", type=int, default=2, help="DataLoader worker processes")
     # Method and losses
     arg("--method", default="clip-s4", choices=["clip-s4", "maskclip+", "segsort"])
@@ -118,10 +167,8 @@ def get_args(argv=None):
     arg("--profile", action="store_true", help="print each phase's time per step (syncs CUDA)")
     arg("--device", choices=["auto", "cpu", "cuda"], default="auto")
     arg("--seed", type=int, default=0)
-    first = p.parse_known_args(argv)[0]
-    preset, root = PRESETS.get(first.dataset, {}), first.data_root or f"data/{first.dataset}"
-    p.set_defaults(**{k: v.format(data_root=root) if isinstance(v, str) else v
-                      for k, v in preset.items()})
+    preset = preset_for(p.parse_known_args(argv)[0])
+    p.set_defaults(**preset)
     args = resolve_clip_args(p.parse_args(argv))
     args.preset = {k: getattr(args, k) for k in preset if getattr(args, k) == p.get_default(k)}
     return args
@@ -256,7 +303,7 @@ class Validation:
 
     def __init__(self, args, teacher, stride, device):
         base = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names)
-        side = EVAL_SIDE.get(args.dataset, 512)
+        side = test_side(base)
         self.n, self.device, self.K = args.eval_images, device, len(base.classes)
         self.names = [c.split(";")[0] for c in base.classes]
         self.protos, self.owner = teacher.text_prototypes(base.classes)
@@ -382,7 +429,8 @@ def main(args):
                            device)
     teacher = MaskCLIP(clip, info, args.teacher).to(device)
     data = TwoViews(base, args.crop_size, args.size, teacher.stride, n_segments=args.superpixels,
-                    cache_dir=out / "superpixels", seed=args.seed)
+                    cache_dir=out / "superpixels", seed=args.seed, scale=args.view_scale,
+                    jitter=args.jitter, gray=args.grayscale)
 
     # ---- model: f, the text prototypes of the known names, the unknown prototypes ----
     text = class_embeddings(teacher, known)  # (K, D)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import (DATASETS, EVAL_SIDE, IGNORE, SegDataset, UserError, majority_labels, palette,
+from data import (DATASETS, IGNORE, test_side, SegDataset, UserError, majority_labels, palette,
                   resize_for_teacher)
 from losses import UnknownPrototypes, image_segments, segment_means
 from clip_loading import add_clip_args, load_clip, resolve_clip_args
@@ -117,14 +117,14 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Methods: what each column of the figures is
 # ----------------------------------------------------------------------------------------------
-def load_methods(args, device, names):
+def load_methods(args, device, names, side):
     """A list of dicts: label, embed (images -> unit features), stride, size, teacher, text (K, D)
     of the dataset's names, known (names given in training), unknown (UnknownPrototypes or None)."""
     if not args.method and not args.checkpoint:
         raise UserError("give --method maskclip and/or --checkpoint PATH [PATH ...]")
     if len(args.checkpoint) > 3:
         raise UserError(f"--checkpoint: at most three, got {len(args.checkpoint)}")
-    methods, side = [], EVAL_SIDE.get(args.dataset, 512)
+    methods = []  # side: the dataset's test side (data.test_side)
     for path in args.checkpoint:
         f, teacher, run = load_run(path, device)
         unknown = None
@@ -275,7 +275,7 @@ def embedding_pass(methods, base, idx, args, K):
             # CLIP's embedding of the same segments, c_s (training's rule)
             if m["unknown"] is not None:
                 x = resize_for_teacher(item["image"],
-                                       args.teacher_size or EVAL_SIDE.get(args.dataset, 512),
+                                       args.teacher_size or test_side(base),
                                       m["teacher"].stride, 2048)
                 clip_map = m["teacher"].dense(x[None])[0].float().cpu()
                 clip_map = F.interpolate(clip_map, size=feats.shape[1:], mode="bilinear",
@@ -440,7 +440,7 @@ def main(args):
     device = pick_device(args.device)
     base = SegDataset(args.dataset, args.data_root, args.split)
     names = [c.split(";")[0] for c in base.classes]
-    methods = load_methods(args, device, base.classes)
+    methods = load_methods(args, device, base.classes, test_side(base))
     # The run whose training split marks names known / unknown: a CLIP-S4 with unknown prototypes,
     # else the last checkpoint, else the teacher with --unknown-classes.
     trained = [m for m in methods if m["trained"]]

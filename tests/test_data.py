@@ -184,6 +184,25 @@ def test_two_views_sample_and_superpixel_cache(tmp_path, monkeypatch):
     assert batch["views"].shape == (2, 2, 3, 32, 32) and isinstance(batch["id"], list)
 
 
+def test_two_views_without_photometric_change_are_the_warped_source(tmp_path):
+    rng = np.random.default_rng(1)
+    make_folder(tmp_path / "ds", [rng.integers(0, 2, (40, 40))] * 3)
+    (tmp_path / "ds/ImageSets/Segmentation/train.txt").write_text("im0\nim1\nim2\n")
+    base = data.SegDataset("folder", tmp_path / "ds", "train")
+    tv = data.TwoViews(base, crop_size=24, teacher_side=40, stride=8, n_segments=8, seed=0,
+                       scale=(0.5, 1.0), jitter=0.0, gray=0.0)
+    for i in range(3):
+        s = tv[i]
+        src = data.image_tensor(base[i]["image"])  # (1, 3, H, W)
+        plain = data.warp(src.expand(2, -1, -1, -1), s["boxes"], s["flips"], (24, 24))
+        torch.testing.assert_close(s["views"], plain.clamp(0, 1))
+        area = (s["boxes"][:, 2] - s["boxes"][:, 0]) * (s["boxes"][:, 3] - s["boxes"][:, 1])
+        assert ((area >= 0.5 - 1e-6) & (area <= 1 + 1e-6)).all()
+    jittered = data.TwoViews(base, crop_size=24, teacher_side=40, stride=8, n_segments=8, seed=0,
+                             scale=(0.5, 1.0))  # SimCLR's jitter changes the views
+    assert any(not torch.allclose(jittered[i]["views"], tv[i]["views"]) for i in range(3))
+
+
 def test_eval_images_sizes(tmp_path):
     make_folder(tmp_path, [np.zeros((30, 50), np.uint8)])
     ev = data.EvalImages(data.SegDataset("folder", tmp_path, "val"), side=64, stride=16)

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data
 import model as M
 import train
 
@@ -78,19 +81,58 @@ def test_aspp_rates_and_grid_travel_with_the_checkpoint(toy_world, tmp_path):
     assert [conv.dilation[0] for conv in f.aspp] == [6, 12, 18, 24] and f.shift == 0
 
 
-def test_toy_preset_fills_unset_flags_and_given_flags_win(tmp_path):
-    a = train.get_args(["--dataset", "toy"])
-    for k, v in train.PRESETS["toy"].items():
-        assert getattr(a, k) == (v.format(data_root="data/toy") if isinstance(v, str) else v), k
-    assert a.preset == {k: getattr(a, k) for k in train.PRESETS["toy"]}  # printed, in args.json
-    assert (a.backbone_weights, a.clip_config, a.clip_pretrained) == (
-        "data/toy/resnet18_toy.pt", "data/toy/toyclip.json", "data/toy/toyclip.pt")
-    b = train.get_args(["--dataset", "toy", "--iters", "7", "--data-root", "/w"])
+def test_small_image_recipe_by_hand():
+    r = train.small_image_recipe(64, 8)  # the toy world: 64-px scenes, a patch-8 CLIP
+    assert (r["size"], r["crop_size"], r["eval_size"]) == (64, 96, 96)
+    assert r["aspp_rates"] == [2, 3, 5, 7]
+    r = train.small_image_recipe(100, 16)  # 1.5 x 100 = 150 -> 152; grid 19: 6*19/42 = 2.7 -> 3
+    assert (r["size"], r["crop_size"], r["aspp_rates"]) == (96, 152, [3, 5, 8, 11])
+    assert (r["jitter"], r["grayscale"], r["view_scale"]) == (0.0, 0.0, [0.5, 1.0])
+    assert train.small_image_recipe(10, 16)["size"] == 16  # never below one patch
+
+
+def write_folder(root, side, n=3):
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.zeros((side, side + 10, 3), np.uint8)).save(root / f"JPEGImages/{i}.png")
+        Image.fromarray(np.zeros((side, side + 10), np.uint8)).save(
+            root / f"SegmentationClass/{i}.png")
+    for split in ("train", "val"):
+        (root / f"ImageSets/Segmentation/{split}.txt").write_text("0\n1\n2\n")
+    (root / "classes.txt").write_text("a\nb\n")
+
+
+def test_presets_follow_the_data_and_given_flags_win(tmp_path, tiny_configs):
+    none = str(tmp_path / "none")  # no world there yet: taken as 64 px, a patch-16 CLIP
+    a = train.get_args(["--dataset", "toy", "--data-root", none])
+    assert a.preset == {**train.small_image_recipe(64, 16), "out_dir": "runs/toy",
+                        "backbone_weights": f"{none}/resnet18_toy.pt"}  # printed, in args.json
+    assert (a.clip_config, a.clip_pretrained) == (f"{none}/toyclip.json", f"{none}/toyclip.pt")
+    b = train.get_args(["--dataset", "toy", "--iters", "7", "--data-root", "/w", "--jitter", "0.4"])
     assert b.iters == 7 and "iters" not in b.preset and b.backbone_weights == "/w/resnet18_toy.pt"
-    assert b.clip_config == "/w/toyclip.json"
+    assert b.jitter == 0.4 and "jitter" not in b.preset and b.clip_config == "/w/toyclip.json"
+    write_folder(tmp_path / "small", 48)
+    cfg = ["--clip-config", str(tiny_configs["vit"])]  # patch 8
+    c = train.get_args(["--dataset", "folder", "--data-root", str(tmp_path / "small"), *cfg])
+    assert c.preset == train.small_image_recipe(48, 8) and (c.size, c.crop_size) == (48, 72)
+    write_folder(tmp_path / "large", 256, n=1)
+    d = train.get_args(["--dataset", "folder", "--data-root", str(tmp_path / "large"), *cfg])
+    assert d.preset == {} and (d.crop_size, d.jitter) == (336, 0.4)  # the paper's setting
+    assert data.test_side(data.SegDataset("folder", tmp_path / "small", "val")) == 48
+    assert data.test_side(data.SegDataset("folder", tmp_path / "large", "val")) == 512
     v = train.get_args(["--dataset", "voc"])  # the paper's setting: no preset, the flags' defaults
     assert v.preset == {} and (v.clip, v.clip_pretrained) == ("ViT-B-16", "openai")
     assert (v.iters, v.crop_size, v.size, v.backbone, v.lr) == (20000, 336, 448, "resnet101", 3e-3)
+
+
+def test_vision_stride_read_from_the_config(tiny_configs):
+    from argparse import Namespace
+    from clip_loading import vision_stride
+    assert vision_stride(Namespace(clip_config=str(tiny_configs["vit"]), clip=None)) == 8
+    assert vision_stride(Namespace(clip_config=str(tiny_configs["rn"]), clip=None)) == 32
+    assert vision_stride(Namespace(clip_config=None, clip="ViT-B-32")) == 32
+    assert vision_stride(Namespace(clip_config=None, clip="no-such-clip")) == 16
 
 
 def test_validation_scores_equal_evaluate_py(toy_world, tmp_path):
