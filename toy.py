@@ -200,7 +200,7 @@ def get_args(argv=None):
     arg = p.add_argument
     # Data
     arg("--world", type=int, default=0,
-        help="which world: 0 the tuned one, any other number an independent one drawn from it")
+        help="0: the tuned world; any other number: an independent world drawn from that seed")
     arg("--out-dir", default=None,
         help="the dataset folder, also --data-root of the other scripts (default data/toy for "
              "world 0, data/toyN for world N)")
