@@ -139,7 +139,7 @@ def get_args(argv=None):
         help="CLIP confidence below which a segment is unknown [choice]")
     arg("--unknown-scale", type=float, default=100.0,
         help="softmax scale of that confidence (docs/method.md: 100); 0 = CLIP's own logit "
-             "scale, the same for OpenAI's CLIPs, 15.5 for the toy CLIP [choice]")
+             "scale, the same for OpenAI's CLIPs, about 16 for the toy CLIPs [choice]")
     arg("--self-train-after", type=float, default=0.1,
         help="maskclip+: share of training on the teacher's labels")
     # Optim
