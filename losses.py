@@ -95,20 +95,38 @@ def pixel_sample(seg, max_pixels, generator=None):
 # ----------------------------------------------------------------------------------------------
 # L_c: pixel-segment contrastive (paper; SegSort)
 # ----------------------------------------------------------------------------------------------
-def pixel_segment_contrastive(z, seg, regions, pix, kappa=10.0, views=2):
+def segment_contrast(zp, zs, pos, kappa):
+    """The pixel-segment contrast shared by L_c, SegSort and ConceptContrast's terms:
+        mean_p -log( sum_{s in pos(p)} exp(kappa cos(z_p, z_s)) / sum_s exp(kappa cos(z_p, z_s)) ).
+    zp (P, D), zs (S, D) unit; pos (P, S) bool. Pixels without a positive are left out."""
+    logits = kappa * zp @ zs.T  # (P, S)
+    has = pos.any(dim=1)
+    num = torch.logsumexp(logits[has].masked_fill(~pos[has], float("-inf")), dim=1)
+    return (torch.logsumexp(logits[has], dim=1) - num).mean()
+
+
+def pixel_segment_contrastive(z, seg, regions, pix, kappa=10.0, views=2, positives="region",
+                              negatives=None):
     """L_c = mean_p -log( sum_{s in S+(p)} exp(kappa cos(z_p, z_s)) / sum_{s} exp(kappa cos(z_p,
-    z_s)) ). S+(p): the segments of either view of p's image that lie in p's superpixel; the
-    denominator runs over every segment of the batch (the others are the negatives).
+    z_s)) ). The denominator runs over every segment of the batch (the others are the negatives),
+    and over `negatives` (E, D) unit if given (ConceptContrast's memory bank). S+(p):
+      "region" (default, CLIP-S4's L_c): the segments of either view of p's image that lie in p's
+               superpixel, so the two views of a region are pulled together;
+      "own"    (SegSort's code): only the segment p itself belongs to, in its own view.
     z (BV, D, h, w) unit, seg Segments, regions (BV, h, w), pix (P,) flat pixel indices."""
     BV, D, h, w = z.shape
     zp = z.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
     zs = segment_means(z, seg)  # (S, D)
-    logits = kappa * zp @ zs.T  # (P, S)
-    p_image = pix // (h * w) // views
-    p_region = regions.reshape(-1)[pix]
-    pos = (p_image[:, None] == seg.image[None]) & (p_region[:, None] == seg.region[None])  # (P, S)
-    num = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=1)
-    return (torch.logsumexp(logits, dim=1) - num).mean()
+    if positives == "own":
+        pos = seg.ids.reshape(-1)[pix][:, None] == torch.arange(seg.count, device=z.device)
+    else:
+        p_image = pix // (h * w) // views
+        p_region = regions.reshape(-1)[pix]
+        pos = (p_image[:, None] == seg.image[None]) & (p_region[:, None] == seg.region[None])
+    if negatives is not None and len(negatives):
+        zs = torch.cat([zs, negatives.to(zs.dtype)])
+        pos = torch.cat([pos, pos.new_zeros(len(pos), len(negatives))], dim=1)  # (P, S + E)
+    return segment_contrast(zp, zs, pos, kappa)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +236,105 @@ def pseudo_label_loss(z, labels, text, kappa):
 
 
 # ----------------------------------------------------------------------------------------------
+# ConceptContrast (He et al., IJCAI 2022): local, global and co-occurring concepts, no teacher
+# ----------------------------------------------------------------------------------------------
+class Concepts(nn.Module):
+    """ConceptContrast's global concepts: a codebook of K learned unit vectors e_k (a parameter,
+    moved by the codebook term of L_v only), and an optional memory bank of the last segments seen
+    (their detached embeddings and codes: more negatives for L_c, more candidates for L_o).
+    The codes start from the first batch's segment embeddings [choice: a data-dependent start, so
+    that no code starts far from every segment; ConceptContrast's start is not recovered]."""
+
+    def __init__(self, num, dim, bank=0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num, dim))  # (K, D), normalised when read
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("bank", torch.zeros(bank, dim))  # (N, D) past segment embeddings
+        self.register_buffer("bank_codes", torch.full((bank,), -1, dtype=torch.long))  # -1: empty
+        self.register_buffer("bank_next", torch.zeros((), dtype=torch.long))
+
+    def codes(self):
+        return F.normalize(self.weight, dim=1)  # (K, D)
+
+    @torch.no_grad()
+    def start(self, zs):
+        """Seed the codes, once, from K of the segment embeddings zs (S, D), with a little noise so
+        that repeats (when S < K) still differ."""
+        if self.started:
+            return
+        K = len(self.weight)
+        pick = torch.randperm(len(zs))[:K] if len(zs) >= K else torch.randint(len(zs), (K,))
+        self.weight.copy_(zs[pick.to(zs.device)] + 1e-2 * torch.randn_like(self.weight))
+        self.started.fill_(True)
+
+    def memory(self):
+        """The bank's filled part: embeddings (N', D) and codes (N',)."""
+        full = self.bank_codes >= 0
+        return self.bank[full], self.bank_codes[full]
+
+    @torch.no_grad()
+    def remember(self, zs, codes):
+        """Write a step's segments (S, D) and their codes (S,) into the bank, the oldest out."""
+        N = len(self.bank)
+        if N == 0:
+            return
+        zs, codes = zs[-N:], codes[-N:]
+        at = (self.bank_next + torch.arange(len(zs), device=zs.device)) % N
+        self.bank[at], self.bank_codes[at] = zs.to(self.bank.dtype), codes
+        self.bank_next.copy_((self.bank_next + len(zs)) % N)
+
+
+def vector_quantization(zs, concepts, beta=0.25):
+    """ConceptContrast's L_v, a cosine VQ loss: each segment z_s goes to its most similar code,
+    k(s) = argmax_k cos(z_s, e_k), and
+        L_v = mean_s [1 - cos(sg[z_s], e_k(s))] + beta mean_s [1 - cos(z_s, sg[e_k(s)])],
+    the codebook term (only the codes move toward the segments) and the commitment term (only f
+    moves toward its codes); sg = stop-gradient. beta [choice: VQ-VAE's 0.25; ConceptContrast's
+    value is not recovered]. zs (S, D) unit -> (L_v, codes (S,) long)."""
+    e = concepts.codes()  # (K, D)
+    codes = (zs.detach() @ e.detach().T).argmax(dim=1)  # (S,)
+    ek = e[codes]  # (S, D)
+    book = (1 - (zs.detach() * ek).sum(dim=1)).mean()
+    commit = (1 - (zs * ek.detach()).sum(dim=1)).mean()
+    return book + beta * commit, codes
+
+
+def cooccurrence_positives(codes, image, num_codes, rule="image"):
+    """Which segments are positives for a pixel of image b, (B, S) bool. codes (S,) the segments'
+    codes, image (S,) their images in [0, B).
+      "image"   (default): s when its code occurs among the codes of b's own segments;
+      "overlap": s when the code sets of s's image and of b share a code."""
+    B = int(image.max()) + 1
+    has = torch.zeros(B, num_codes, dtype=torch.bool, device=codes.device)
+    has[image, codes] = True  # (B, K): the codes that occur in each image
+    if rule == "image":
+        return has[:, codes]
+    shared = (has.float() @ has.float().T) > 0  # (B, B): the two images share a code
+    return shared[:, image]
+
+
+def concept_cooccurrence(z, seg, pix, codes, concepts, kappa=10.0, views=2, rule="image"):
+    """ConceptContrast's L_c, here L_o (o for co-occurrence): the pixel-segment contrast whose
+    positives for pixel p are the segments of concepts that co-occur with p's image
+    (cooccurrence_positives). The bank's segments are positives when their code occurs in p's image
+    (under either rule: the bank keeps no image's code set), negatives otherwise.
+    z (BV, D, h, w) unit, seg Segments, pix (P,), codes (S,) from vector_quantization."""
+    BV, D, h, w = z.shape
+    zp = z.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
+    zs = segment_means(z, seg)  # (S, D)
+    K = len(concepts.weight)
+    p_image = pix // (h * w) // views
+    pos = cooccurrence_positives(codes, seg.image, K, rule)[p_image]  # (P, S)
+    bank, bank_codes = concepts.memory()
+    if len(bank):
+        has = torch.zeros(int(seg.image.max()) + 1, K, dtype=torch.bool, device=z.device)
+        has[seg.image, codes] = True  # (B, K): the codes of each image
+        zs = torch.cat([zs, bank.to(zs.dtype)])
+        pos = torch.cat([pos, has[p_image][:, bank_codes]], dim=1)  # (P, S + N')
+    return segment_contrast(zp, zs, pos, kappa)
+
+
+# ----------------------------------------------------------------------------------------------
 # The objectives: one function per method, each returning the weighted total and its terms
 # ----------------------------------------------------------------------------------------------
 def weighted_total(terms, weights):
@@ -226,7 +343,7 @@ def weighted_total(terms, weights):
 
 
 def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, kappa=10.0,
-                      kappa_e=10.0, kappa_s=100.0, emb_form="nce", views=2):
+                      kappa_e=10.0, kappa_s=100.0, emb_form="nce", views=2, positives="region"):
     """CLIP-S4's objective (paper; docs/method.md section 7):
         L = lambda_c L_c + lambda_e L_e + lambda_s L_s
     L_c pixel-segment contrastive (pixel_segment_contrastive), L_e embedding consistency between our
@@ -244,7 +361,7 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
         is_unknown (S,) bool: the segments CLIP is not confident about)."""
     terms = {}
     if lambdas["c"]:
-        terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, kappa, views)
+        terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, kappa, views, positives)
     cs = segment_means(clip_map, seg)  # (S, D)
     targets, is_unknown = unknown.targets(cs, text)
     if lambdas["e"]:
@@ -256,10 +373,36 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
     return weighted_total(terms, lambdas), terms, cs, is_unknown
 
 
-def segsort_objective(z, seg, regions, pix, lambda_c=1.0, kappa=10.0, views=2):
-    """SegSort-only, the ablation: L = lambda_c L_c, no teacher. Returns (total, terms)."""
-    terms = {"c": pixel_segment_contrastive(z, seg, regions, pix, kappa, views)}
+def segsort_objective(z, seg, regions, pix, lambda_c=1.0, kappa=10.0, views=2,
+                      positives="region"):
+    """SegSort (Hwang et al., ICCV 2019), unsupervised: L = lambda_c L_c, no teacher. With
+    positives "own" a pixel's positive is its own segment, as in SegSort's code; with "region" (the
+    default) this is CLIP-S4's L_c alone, CLIP-S4 without its teacher. Returns (total, terms)."""
+    terms = {"c": pixel_segment_contrastive(z, seg, regions, pix, kappa, views, positives)}
     return weighted_total(terms, {"c": lambda_c}), terms
+
+
+def concept_contrast_objective(z, seg, regions, pix, concepts, lambdas, kappa=10.0, beta=0.25,
+                               rule="image", views=2, positives="region"):
+    """ConceptContrast's objective (He et al., IJCAI 2022; docs/method.md section 12), no teacher:
+        L = lambda_c L_c + lambda_v L_v + lambda_o L_o
+    L_c its local concepts, the pixel-segment contrast (pixel_segment_contrastive; ConceptContrast
+    calls it L_s), L_v its global concepts (vector_quantization), L_o the co-occurrence of concepts
+    (concept_cooccurrence; its L_c): one letter names one loss across this repo's methods.
+    concepts Concepts; lambdas {"c", "v", "o"}. Returns (total, terms, zs (S, D) detached, codes
+    (S,)): train.py writes the last two into the memory bank after the step."""
+    zs = segment_means(z, seg)  # (S, D)
+    concepts.start(zs.detach())
+    loss_v, codes = vector_quantization(zs, concepts, beta)
+    bank, _ = concepts.memory()
+    terms = {}
+    if lambdas["c"]:
+        terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, kappa, views, positives, bank)
+    if lambdas["v"]:
+        terms["v"] = loss_v
+    if lambdas["o"]:
+        terms["o"] = concept_cooccurrence(z, seg, pix, codes, concepts, kappa, views, rule)
+    return weighted_total(terms, lambdas), terms, zs.detach(), codes
 
 
 def maskclip_plus_objective(z, clip_map, regions, text, kappa, self_training=False):

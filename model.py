@@ -29,8 +29,8 @@ from data import UserError, atomic_save
 PROMPTS = Path(__file__).with_name("prompts.txt")
 # How tables and figures name a method or a teacher (a run's method, a teacher's --teacher).
 DISPLAY_NAMES = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4",
-                 "segsort": "SegSort-only", "sclip": "SCLIP", "clearclip": "ClearCLIP",
-                 "naclip": "NACLIP"}
+                 "segsort": "SegSort-only", "conceptcontrast": "ConceptContrast", "sclip": "SCLIP",
+                 "clearclip": "ClearCLIP", "naclip": "NACLIP"}
 CACHE_DIR = Path(os.environ.get("CLIP_S4_CACHE", "~/.cache/clip_s4")).expanduser()
 
 

@@ -10,7 +10,8 @@ The toy world on 2 CPU cores, after `python toy.py` (its preset is printed at st
 Your own small images (folder layout, short side under 224 px: the same small-image recipe):
     python train.py --dataset folder --data-root DIR --clip-config my_clip.json \
         --clip-pretrained my_clip.pt --backbone-weights resnet18.pt --out-dir runs/mine
-Baselines in the same harness: --method maskclip+ (pseudo-labels, then self-training), segsort.
+Baselines in the same harness: --method maskclip+ (pseudo-labels, then self-training), segsort
+(L_c alone), conceptcontrast (codebook concepts and their co-occurrence, no teacher).
 A killed or stopped run continues with the same command and --resume. Several GPUs (or CPU
 processes with gloo), --batch-size per process:
     torchrun --nproc_per_node 4 train.py --dataset voc
@@ -20,21 +21,19 @@ import json
 import os
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from data import (CONTEXT_FOLDS, DATASETS, SMALL_SIDE, EvalImages, SegDataset, TwoViews, UserError,
-                  atomic_save, collate, language_confusion, segmentation_metrics, test_side,
-                  warp)
-from losses import (UnknownPrototypes, clip_s4_objective, kmeans_segments, maskclip_plus_objective,
-                    pixel_sample, regions_on_grid, segsort_objective)
 from clip_loading import add_clip_args, load_clip, resolve_clip_args, vision_stride
-from model import (ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, class_embeddings, class_scores,
-                   pick_device, read_checkpoint)
+from data import CONTEXT_FOLDS, DATASETS, SMALL_SIDE, SegDataset, TwoViews, UserError
+from losses import (Concepts, UnknownPrototypes, clip_s4_objective, concept_contrast_objective,
+                    kmeans_segments, maskclip_plus_objective, pixel_sample, regions_on_grid,
+                    segsort_objective)
+from model import ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, class_embeddings
+from training import (Phases, RunLog, TeacherCache, Validation, batches, gather, log_extras,
+                      optimizer_for, resume, save_checkpoint, setup_distributed, trim_log)
 
 # Per-dataset defaults, printed at start and kept in args.json; a flag given on the command line
 # wins. The paper's datasets need none: the flags' own defaults are the paper's setting. Small
@@ -116,8 +115,12 @@ def get_args(argv=None):
              "SimCLR's]; 0 = none")
     arg("--grayscale", type=float, default=0.2, help="chance a view is grey [choice: SimCLR's]")
     arg("--workers", type=int, default=2, help="DataLoader worker processes")
+    arg("--teacher-cache", type=int, default=4096,
+        help="MiB of teacher maps kept in memory (fp16, one per training image; 0: none)")
     # Method and losses
-    arg("--method", default="clip-s4", choices=["clip-s4", "maskclip+", "segsort"])
+    arg("--method", default="clip-s4",
+        choices=["clip-s4", "maskclip+", "segsort", "conceptcontrast"],
+        help="segsort and conceptcontrast learn without a teacher: none runs in training")
     arg("--unknown-fold", type=int, default=None,
         help="class-free Pascal Context: withhold fold K's names")
     arg("--unknown-classes", nargs="+", default=[],
@@ -142,6 +145,21 @@ def get_args(argv=None):
              "scale, the same for OpenAI's CLIPs, about 16 for the toy CLIPs [choice]")
     arg("--self-train-after", type=float, default=0.1,
         help="maskclip+: share of training on the teacher's labels")
+    arg("--positives", choices=["region", "own"], default="region",
+        help="L_c's positives of a pixel: the segments of its superpixel in both views (region, "
+             "CLIP-S4's), or its own segment only (own, as SegSort's code) [choice]")
+    arg("--codebook", type=int, default=256,
+        help="conceptcontrast: K codes (its paper: 32-1024, worse below 128) [choice]")
+    arg("--lambda-v", type=float, default=2.0, help="conceptcontrast: weight of L_v, the codes")
+    arg("--lambda-o", type=float, default=1.0,
+        help="conceptcontrast: weight of L_o, co-occurrence (its paper's L_c)")
+    arg("--beta", type=float, default=0.25,
+        help="conceptcontrast: weight of L_v's commitment term [choice: VQ-VAE's]")
+    arg("--cooccur", choices=["image", "overlap"], default="image",
+        help="conceptcontrast: L_o's positives, the segments whose code occurs in the pixel's "
+             "image (image), or all segments of images sharing a code with it (overlap)")
+    arg("--memory-bank", type=int, default=0,
+        help="conceptcontrast: past segments kept as extra candidates (0: none) [choice]")
     # Optim
     arg("--iters", type=int, default=20000, help="training iterations (paper: 20k)")
     arg("--batch-size", type=int, default=8, help="images per step, two views each [choice]")
@@ -191,224 +209,42 @@ def split_names(classes, args):
     return [c for c, n in zip(classes, first) if n not in withheld], withheld
 
 
-def batches(data, args, start_step, rank=0, world=1):
-    """Endless batches in a seeded order per epoch; resuming at step s starts exactly at batch s.
-    With several processes, each step's global batch of world x --batch-size images is split
-    by rank."""
-    glob = args.batch_size * world
-    per_epoch = len(data) // glob
-    if per_epoch == 0:
-        raise UserError(f"{len(data)} training images, fewer than {glob} per step")
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        data.set_epoch(epoch)
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        order = torch.randperm(len(data), generator=g)[offset * glob: per_epoch * glob]
-        order = order.view(-1, world, args.batch_size)[:, rank].flatten().tolist()
-        yield from torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order,
-                                               collate_fn=collate, num_workers=args.workers,
-                                               drop_last=True)
-        step = (epoch + 1) * per_epoch
+TAUGHT = ("clip-s4", "maskclip+")  # the methods that learn from the teacher's maps
 
 
-def teacher_maps(teacher, batch, size, device):
-    """CLIP's dense map of each un-augmented source, warped onto its views: (B*V, D, h, w), unit."""
-    maps = []
-    for src, boxes, flips in zip(batch["source"], batch["boxes"], batch["flips"]):
-        feats, _ = teacher.dense(src[None].to(device))  # (1, D, h_t, w_t)
-        maps.append(warp(feats.expand(len(boxes), -1, -1, -1), boxes, flips, size))  # (V, D, h, w)
-    return F.normalize(torch.cat(maps), dim=1)
+def objective(args, step, z, seg, regions, pix, clip_map, text, unknown, concepts, kappa_s):
+    """The run's objective, one function of losses.py per method: (total, terms, stats), stats the
+    numbers the log reads (as tensors, so that a step does not wait on the GPU). State learned
+    outside the gradient is updated here from every process's segments: CLIP-S4's unknown
+    prototypes, ConceptContrast's memory bank."""
+    V = 2
+    if args.method == "clip-s4":
+        lambdas = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s}
+        loss, terms, cs, is_unknown = clip_s4_objective(
+            z, seg, regions, pix, clip_map, text, unknown, lambdas, args.kappa, args.kappa_e,
+            kappa_s, args.emb_loss, V, args.positives)
+        unknown.update(gather(cs), gather(is_unknown))
+        return loss, terms, {"unknown_share": is_unknown.float().mean()}
+    if args.method == "conceptcontrast":
+        lambdas = {"c": args.lambda_c, "v": args.lambda_v, "o": args.lambda_o}
+        loss, terms, zs, codes = concept_contrast_objective(
+            z, seg, regions, pix, concepts, lambdas, args.kappa, args.beta, args.cooccur, V,
+            args.positives)
+        concepts.remember(gather(zs), gather(codes))
+        return loss, terms, {"codes_used": lambda: torch.unique(codes).numel()}
+    if args.method == "segsort":
+        loss, terms = segsort_objective(z, seg, regions, pix, args.lambda_c, args.kappa, V,
+                                        args.positives)
+        return loss, terms, {}
+    self_training = step >= args.self_train_after * args.iters
+    loss, terms = maskclip_plus_objective(z, clip_map, regions, text, kappa_s, self_training)
+    return loss, terms, {}
 
 
-def setup_distributed(args):
-    """(world size, rank, device) under torchrun (DistributedDataParallel; gloo on CPU, nccl on
-    CUDA), or (1, 0, device) for a single process."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device(args.device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return world, rank, device
-
-
-def gather(x):
-    """Concatenate a tensor whose first dimension differs across processes (their segments)."""
-    if not dist.is_initialized():
-        return x
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    most = int(max(sizes))
-    parts = [x.new_zeros((most, *x.shape[1:])) for _ in sizes]
-    dist.all_gather(parts, torch.cat([x, x.new_zeros((most - len(x), *x.shape[1:]))]))
-    return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
-
-
-def optimizer_for(f, args):
-    """SGD with the new layers (ASPP, head) at 10x the learning rate; linear warm-up, then poly
-    decay (power 0.9) to zero at --iters."""
-    head = {id(p) for p in f.head_parameters()}
-    groups = [{"params": [p for p in f.parameters() if id(p) not in head], "lr": args.lr},
-              {"params": f.head_parameters(), "lr": 10 * args.lr}]
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
-    poly = lambda s: (min(1.0, (s + 1) / max(1, args.warmup))
-                      * (1 - min(s, args.iters - 1) / args.iters) ** 0.9)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, poly)
-
-
-def read_resume(out):
-    """The newest readable checkpoint of a run folder: ckpt.pt, else ckpt_prev.pt (the one before,
-    kept until the next is complete). Returns the checkpoint dict, or None for a new run."""
-    paths = [p for p in (out / "ckpt.pt", out / "ckpt_prev.pt") if p.exists()]
-    for p in paths:
-        try:
-            return read_checkpoint(p, "--resume")
-        except UserError as e:
-            print(f"warning: {e}; trying the checkpoint before it")
-    if paths:
-        raise UserError(f"--resume: no readable checkpoint in {out} (" + ", ".join(
-            p.name for p in paths) + " unreadable); start again with another --out-dir")
-    return None
-
-
-def restore(ck, args, state, device):
-    """Load a checkpoint into the run's modules and optimizer state (`state`: name -> object with
-    load_state_dict) and the random generators; the network flags must be the run's own."""
-    for k in ("aspp_rates", "grid"):  # the same weight shapes, but another network
-        if ck["args"][k] != getattr(args, k):
-            raise UserError(f"{args.out_dir} was trained with --{k.replace('_', '-')} "
-                            f"{ck['args'][k]}: resume with the run's own flags")
-    for name, obj in state.items():
-        if ck.get(name):
-            obj.load_state_dict(ck[name])
-    torch.set_rng_state(ck["rng"].cpu())
-    if device.type == "cuda" and ck.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
-
-
-def trim_log(path, step):
-    """After a resume at `step`, drop the log lines a killed run wrote past its checkpoint."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
-class Validation:
-    """Language-driven mIoU and pAcc of f on the first --eval-images val images during training,
-    beside the teacher's on the same images (scored once). The first process runs it alone."""
-
-    def __init__(self, args, teacher, stride, device):
-        base = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names)
-        side = test_side(base)
-        self.n, self.device, self.K = args.eval_images, device, len(base.classes)
-        self.names = [c.split(";")[0] for c in base.classes]
-        self.protos, self.owner = teacher.text_prototypes(base.classes)
-        self.images = EvalImages(base, args.eval_size or side, stride)  # f's inputs
-        self.teacher = self.score(lambda x: teacher.dense(x)[0],
-                                  EvalImages(base, side, teacher.stride))
-        self.best = {"step": None, "mIoU": float("-inf")}
-
-    @torch.no_grad()
-    def score(self, embed, images):
-        scores = lambda x: class_scores(embed(x.to(self.device)).float(),
-                                        self.protos, self.owner, self.K)
-        m = segmentation_metrics(language_confusion(scores, images, self.K, self.n), self.names)
-        return {"mIoU": m["mIoU"], "pAcc": m["pAcc"]}
-
-    def __call__(self, f, step, amp):
-        f.eval()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            r = self.score(f, self.images)
-        f.train()
-        if r["mIoU"] > self.best["mIoU"]:
-            self.best = {"step": step, "mIoU": r["mIoU"]}
-        return r
-
-
-def hms(seconds):
-    """12s, 3m05s, 1h02m."""
-    s = int(seconds)
-    if s < 3600:
-        return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-class RunLog:
-    """What a run prints and appends to log.jsonl: a line every --log-every steps (losses, lr,
-    segments, ms per step, ETA from the recent step times), the validation lines, a summary."""
-
-    def __init__(self, path, args):
-        self.file, self.args = open(path, "a"), args
-        self.recent, self.eval_s = deque(maxlen=5), 0.0  # seconds per step of the last intervals
-        self.t_start, self.t_last = time.time(), time.perf_counter()
-
-    def write(self, rec):
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-
-    def train(self, step, stop, loss, terms, seg, extra):
-        now = time.perf_counter()
-        self.recent.append((now - self.t_last) / self.args.log_every)  # s per step
-        self.t_last = now
-        evals_left = (stop - step) // self.args.eval_every if self.args.eval_every else 0
-        eta = sum(self.recent) / len(self.recent) * (stop - step) + evals_left * self.eval_s
-        rec = {"step": step, "loss": loss.item(), **{f"L_{k}": v.item() for k, v in terms.items()},
-               "segments": seg.count, "ms": 1000 * self.recent[-1], "eta_s": eta, **extra}
-        print(f"step {step}/{self.args.iters} | loss {rec['loss']:.3f} ("
-              + " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
-              + f") | lr {rec['lr']:.2e} | {seg.count} segments"
-              + (f" | unknown {100 * rec['unknown_share']:.0f}%" if "unknown_share" in rec else "")
-              + (f" | GPU peak {rec['cuda_peak_gib']:.1f} GiB" if "cuda_peak_gib" in rec else "")
-              + f" | {rec['ms']:.0f} ms | ETA {hms(eta)}", flush=True)
-        if self.args.profile:
-            print("  phases (ms/step): " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                                      rec["phases_ms"].items()))
-        self.write(rec)
-
-    def val(self, step, r, val, seconds):
-        self.eval_s = seconds
-        self.t_last += seconds  # step times leave validation out
-        t = val.teacher
-        print(f"step {step}/{self.args.iters} | val mIoU {r['mIoU']:.1f} (teacher {t['mIoU']:.1f})"
-              f" | pAcc {r['pAcc']:.1f} (teacher {t['pAcc']:.1f}) | best {val.best['mIoU']:.1f} "
-              f"at step {val.best['step']} | {seconds:.1f} s", flush=True)
-        self.write({"step": step, "val_mIoU": r["mIoU"], "val_pAcc": r["pAcc"], "val_images": val.n,
-                    "teacher_mIoU": t["mIoU"], "teacher_pAcc": t["pAcc"]})
-
-    def done(self, step, val, ckpt_path):
-        best = (f" | best val mIoU {val.best['mIoU']:.1f} at step {val.best['step']} (teacher "
-                f"{val.teacher['mIoU']:.1f})" if val is not None and val.best["step"] else "")
-        print(f"done: step {step}/{self.args.iters} in {hms(time.time() - self.t_start)}{best} | "
-              f"{ckpt_path}")
-
-
-class Phases:
-    """Time per phase of a step for --profile (CUDA is synchronised only then)."""
-
-    def __init__(self, on, device):
-        self.on, self.cuda, self.total, self.t = on, device.type == "cuda", {}, time.perf_counter()
-
-    def __call__(self, name):
-        if self.on and self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.total[name] = self.total.get(name, 0.0) + now - self.t
-        self.t = now
-
-    def take(self, steps):
-        out, self.total = {k: 1000 * v / steps for k, v in self.total.items()}, {}
-        return out
-
-
-def main(args):
-    world, rank, device = setup_distributed(args)
-    lead = rank == 0  # only the first process writes and validates
-    torch.manual_seed(args.seed)
-    for k in ("clip_config", "clip_pretrained"):  # the checkpoint must find its CLIP from anywhere
+def open_run_folder(args):
+    """The run folder and its checkpoint paths; a finished or started run is never overwritten
+    without --resume. CLIP files are made absolute: the checkpoint finds its CLIP from anywhere."""
+    for k in ("clip_config", "clip_pretrained"):
         if getattr(args, k) and os.path.isfile(getattr(args, k)):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     out = Path(args.out_dir)
@@ -416,13 +252,21 @@ def main(args):
     if (ckpt_path.exists() or prev_path.exists()) and not args.resume:
         raise UserError(f"{ckpt_path} exists: add --resume to continue it, or choose another "
                         f"--out-dir")
-    if lead and args.preset:
-        print(f"preset {args.dataset}: "
-              + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.preset.items()))
+    return out, ckpt_path, prev_path
+
+
+def main(args):
+    world, rank, device = setup_distributed(args)
+    lead = rank == 0  # only the first process writes and validates
+    torch.manual_seed(args.seed)
+    out, ckpt_path, prev_path = open_run_folder(args)
     if lead:
+        if args.preset:
+            print(f"preset {args.dataset}: "
+                  + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.preset.items()))
         print(f"train.py | device {device} x {world} | {json.dumps(vars(args))}")
 
-    # ---- data ----
+    # ---- data: the views, and the teacher's map of each source (none for untaught methods) ----
     base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names)
     known, withheld = split_names(base.classes, args)
     clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu,
@@ -431,46 +275,39 @@ def main(args):
     data = TwoViews(base, args.crop_size, args.size, teacher.stride, n_segments=args.superpixels,
                     cache_dir=out / "superpixels", seed=args.seed, scale=args.view_scale,
                     jitter=args.jitter, gray=args.grayscale)
+    teacher_maps = TeacherCache(teacher, args.teacher_cache) if args.method in TAUGHT else None
 
-    # ---- model: f, the text prototypes of the known names, the unknown prototypes ----
+    # ---- model: f, the known names' text prototypes, unknown prototypes, concepts ----
     text = class_embeddings(teacher, known)  # (K, D)
+    D = text.shape[1]
     kappa_s = args.kappa_s or float(clip.logit_scale.exp())
-    f = PixelEmbedder(text.shape[1], args.backbone, args.backbone_weights, args.head_dim,
-                      args.aspp_rates, GRID_SHIFT[args.grid]).to(device)
+    f = PixelEmbedder(D, args.backbone, args.backbone_weights, args.head_dim, args.aspp_rates,
+                      GRID_SHIFT[args.grid]).to(device)
     net = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f  # f: unwrapped
     M = args.unknown_protos if args.method == "clip-s4" else 0
     scale = args.unknown_scale or float(clip.logit_scale.exp())  # of the known-or-unknown rule
-    unknown = UnknownPrototypes(M, text.shape[1], tau=args.unknown_tau, scale=scale).to(device)
-    lambdas = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s}
+    unknown = UnknownPrototypes(M, D, tau=args.unknown_tau, scale=scale).to(device)
+    concepts = (Concepts(args.codebook, D, args.memory_bank).to(device)
+                if args.method == "conceptcontrast" else None)
 
     # ---- optimizer ----
-    opt, sched = optimizer_for(f, args)
+    opt, sched = optimizer_for(f, args, concepts.weight if concepts is not None else None)
     amp = device.type == "cuda" and not args.no_amp
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     state = {"model": f, "unknown": unknown, "optimizer": opt, "scheduler": sched,
-             "scaler": scaler}
+             "scaler": scaler, **({"concepts": concepts} if concepts is not None else {})}
 
     # ---- resume: the newest readable checkpoint, with the run's own network flags ----
     val = Validation(args, teacher, f.stride, device) if lead and args.eval_every else None
-    step, ck = 0, read_resume(out) if args.resume else None
-    if ck is not None:
-        restore(ck, args, state, device)
-        step = ck["step"]
-        if val is not None and ck.get("best"):
-            val.best = ck["best"]
-        print(f"resumed {out} at step {step}")
+    step = resume(args, out, state, device, val) if args.resume else 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         trim_log(out / "log.jsonl", step)
-
-    def save():
-        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        atomic_save({**{k: v.state_dict() for k, v in state.items()}, "step": step,
-                     "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "args": vars(args),
-                     "clip": info, "classes": base.classes, "known": known, "withheld": withheld,
-                     "dim": text.shape[1], "method": args.method,
-                     "best": val.best if val is not None else None}, ckpt_path, previous=prev_path)
+    run = {"args": vars(args), "clip": info, "classes": base.classes, "known": known,
+           "withheld": withheld, "dim": D, "method": args.method}  # what load_run reads back
+    save = lambda: save_checkpoint(ckpt_path, prev_path, state, step, device,
+                                   {**run, "best": val.best if val is not None else None})
 
     # ---- loop: views -> teacher -> f -> segments -> objective -> step ----
     f.train()
@@ -485,31 +322,22 @@ def main(args):
             phases("log+save")
             batch = next(stream)
             phases("data")
-            B, V = batch["views"].shape[:2]
             x = batch["views"].flatten(0, 1).to(device)  # (B, V, 3, S, S) -> (BV, 3, S, S)
             h, w = x.shape[2] // f.stride, x.shape[3] // f.stride
             regions = regions_on_grid(batch["regions"].flatten(0, 1), (h, w), args.grid)
             regions = regions.to(device)  # (BV, h, w)
-            with torch.no_grad():
-                clip_map = teacher_maps(teacher, batch, (h, w), device)  # (BV, D, h, w)
+            # the teacher's map warped onto the views, (BV, D, h, w); None for untaught methods
+            clip_map = teacher_maps(batch, (h, w), device) if teacher_maps else None
             phases("teacher")
             with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                 z = net(x).float()  # (BV, D, h, w)
             phases("forward")
-            seg = kmeans_segments(z.detach(), regions, V, (args.kmeans_grid,) * 2,
+            seg = kmeans_segments(z.detach(), regions, 2, (args.kmeans_grid,) * 2,
                                   args.kmeans_iters, args.kmeans_lambda)
             pix = pixel_sample(seg, args.max_pixels)
             phases("kmeans")
-            if args.method == "clip-s4":
-                loss, terms, cs, is_unknown = clip_s4_objective(
-                    z, seg, regions, pix, clip_map, text, unknown, lambdas, args.kappa,
-                    args.kappa_e, kappa_s, args.emb_loss, V)
-                unknown.update(gather(cs), gather(is_unknown))  # every process's segments
-            elif args.method == "segsort":
-                loss, terms = segsort_objective(z, seg, regions, pix, args.lambda_c, args.kappa, V)
-            else:
-                loss, terms = maskclip_plus_objective(z, clip_map, regions, text, kappa_s,
-                                                      step >= args.self_train_after * args.iters)
+            loss, terms, stats = objective(args, step, z, seg, regions, pix, clip_map, text,
+                                           unknown, concepts, kappa_s)
             phases("losses")
             if not torch.isfinite(loss):
                 print(f"step {step}: non-finite loss {({k: v.item() for k, v in terms.items()})};"
@@ -523,12 +351,8 @@ def main(args):
             phases("backward")
             step += 1
             if lead and (step % args.log_every == 0 or step == args.iters):
-                extra = {"lr": opt.param_groups[0]["lr"], "phases_ms": phases.take(args.log_every)}
-                if args.method == "clip-s4":  # read at log time only: no per-step sync
-                    extra["unknown_share"] = is_unknown.float().mean().item()
-                if device.type == "cuda":  # the most GPU memory held at once so far
-                    extra["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                log.train(step, stop, loss, terms, seg, extra)
+                log.train(step, stop, loss, terms, seg, log_extras(opt, phases, args.log_every,
+                                                                   stats, device, teacher_maps))
             due = args.eval_every and (step % args.eval_every == 0 or step == stop)
             if due and val is not None:
                 t0 = time.perf_counter()

@@ -77,7 +77,9 @@ def test_regions_on_grid_reads_cell_centres():
         assert L.regions_on_grid(r, (2, 3), "corner").tolist() == [[[0, 0, 1]] * 2]
 
 
-def reference_lc(z, regions, seg, pix, kappa, views=2):
+def reference_contrast(z, regions, seg, pix, kappa, is_pos, extra=()):
+    """mean_p -log(sum_pos e / sum_all e) by loops over pixels and segments. is_pos(b, i, j, s) for
+    the batch's segments; extra: [(vec, positive(b, i, j))], more segments (a memory bank)."""
     BV, D, h, w = z.shape
     pixels = segments_by_loop(z, regions, seg)
     zs = {s: F.normalize(sum(z[b, :, i, j] for b, i, j in px), dim=0) for s, px in pixels.items()}
@@ -90,10 +92,20 @@ def reference_lc(z, regions, seg, pix, kappa, views=2):
         for s, vec in zs.items():
             e = math.exp(kappa * float(zp @ vec))
             den += e
-            if int(seg.image[s]) == b // views and int(seg.region[s]) == int(regions[b, i, j]):
-                num += e
+            num += e if is_pos(b, i, j, s) else 0.0
+        for vec, positive in extra:
+            e = math.exp(kappa * float(zp @ vec))
+            den += e
+            num += e if positive(b, i, j) else 0.0
         total += -math.log(num / den)
     return total / len(pix)
+
+
+def reference_lc(z, regions, seg, pix, kappa, views=2):
+    """L_c's positives: the segments of the pixel's image and superpixel."""
+    same = lambda b, i, j, s: (int(seg.image[s]) == b // views
+                               and int(seg.region[s]) == int(regions[b, i, j]))
+    return reference_contrast(z, regions, seg, pix, kappa, same)
 
 
 def test_pixel_segment_contrastive_matches_loop():

@@ -48,7 +48,7 @@ def same_weights(a, b):
     assert torch.equal(a["unknown"]["protos"], b["unknown"]["protos"])
 
 
-@pytest.mark.parametrize("method", ["clip-s4", "maskclip+", "segsort"])
+@pytest.mark.parametrize("method", ["clip-s4", "maskclip+", "segsort", "conceptcontrast"])
 def test_methods_run_and_checkpoint_loads(toy_world, tmp_path, method):
     root, _ = toy_world
     train.main(args_for(root, tmp_path / method, "--method", method, "--iters", "5"))
@@ -294,3 +294,42 @@ def test_teacher_choice_travels_with_the_checkpoint(toy_world, tmp_path):
     plain = evaluate.main(evaluate.get_args(common + ["--method", "maskclip"]))
     assert both["teacher"]["mIoU"] == pytest.approx(alone["mIoU"])
     assert abs(alone["mIoU"] - plain["mIoU"]) > 1e-3  # ClearCLIP's map is not MaskCLIP's
+
+
+def test_teacher_cache_batches_by_size_and_keeps_each_map(tiny_configs):
+    """Sources of two sizes in one batch: each map is the teacher's own map of that image alone,
+    rounded to fp16; the second time the same images come, the teacher does not run."""
+    from clip_loading import load_clip
+    from training import TeacherCache
+    teacher = M.MaskCLIP(*load_clip(pretrained="none", config=tiny_configs["vit"]))
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.rand(3, 32, 48, generator=g), torch.rand(3, 40, 32, generator=g),
+               torch.rand(3, 32, 48, generator=g)]
+    batch = {"id": ["a", "b", "c"], "source": sources}
+    cache = TeacherCache(teacher, max_mib=1)
+    maps = cache.source_maps(batch)
+    for src, m in zip(sources, maps):
+        alone = teacher.dense(src[None])[0][0]
+        assert m.dtype == torch.float16 and m.shape == alone.shape
+        assert torch.allclose(m.float(), alone, atol=2e-3)
+    calls = []
+    real = teacher.dense
+    teacher.dense = lambda x: calls.append(len(x)) or real(x)
+    again = cache.source_maps({"id": ["c", "a", "d"], "source": [sources[2], sources[0],
+                                                                 sources[1]]})
+    assert calls == [1] and torch.equal(again[0], maps[2]) and torch.equal(again[1], maps[0])
+    assert (cache.hits, cache.misses) == (2, 4)
+    none = TeacherCache(teacher, max_mib=0)  # off: computed every time, rounded the same way
+    assert torch.equal(none.source_maps(batch)[1], maps[1]) and none.maps == {}
+
+
+def test_teacher_cache_gives_the_same_run(toy_world, tmp_path):
+    """96 scenes, 8 a step: from step 13 on every map comes from the cache; the weights are those of
+    a run that computes every map."""
+    root, _ = toy_world
+    flags = ["--iters", "14", "--batch-size", "8", "--eval-every", "0", "--log-every", "14"]
+    train.main(args_for(root, tmp_path / "cached", *flags))
+    train.main(args_for(root, tmp_path / "uncached", *flags, "--teacher-cache", "0"))
+    same_weights(tmp_path / "cached" / "ckpt.pt", tmp_path / "uncached" / "ckpt.pt")
+    logs = [json.loads((tmp_path / r / "log.jsonl").read_text()) for r in ("cached", "uncached")]
+    assert logs[0]["teacher_cached"] == pytest.approx(16 / 112) and logs[1]["teacher_cached"] == 0

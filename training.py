@@ -1,0 +1,301 @@
+"""What a training run needs besides its method (train.py): batches in a resumable order, the
+teacher's maps (batched and cached), several processes, the optimizer, checkpoints and resume,
+validation while training, the log and the phase profile."""
+import json
+import os
+import time
+from collections import deque
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import (EvalImages, SegDataset, UserError, atomic_save, collate, language_confusion,
+                  segmentation_metrics, test_side, warp)
+from model import class_scores, pick_device, read_checkpoint
+
+
+def batches(data, args, start_step, rank=0, world=1):
+    """Endless batches in a seeded order per epoch; resuming at step s starts exactly at batch s.
+    With several processes, each step's global batch of world x --batch-size images is split
+    by rank."""
+    glob = args.batch_size * world
+    per_epoch = len(data) // glob
+    if per_epoch == 0:
+        raise UserError(f"{len(data)} training images, fewer than {glob} per step")
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        data.set_epoch(epoch)
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        order = torch.randperm(len(data), generator=g)[offset * glob: per_epoch * glob]
+        order = order.view(-1, world, args.batch_size)[:, rank].flatten().tolist()
+        yield from torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order,
+                                               collate_fn=collate, num_workers=args.workers,
+                                               drop_last=True)
+        step = (epoch + 1) * per_epoch
+
+
+class TeacherCache:
+    """The teacher's dense map of each training source (docs/method.md, section 9c). The teacher
+    sees only the un-augmented source, so an image's map is the same in every epoch: the sources of
+    a batch that share a size go through the teacher together, and each map is kept in fp16 on the
+    CPU, keyed by image id and source size (the teacher, its CLIP weights and --size are the run's
+    own), until `max_mib` MiB are held; later epochs then run no teacher. Maps are rounded to fp16
+    with the cache off too (max_mib 0), so a run's results do not depend on it."""
+
+    def __init__(self, teacher, max_mib=4096):
+        self.teacher, self.max_bytes, self.bytes, self.maps = teacher, max_mib * 2 ** 20, 0, {}
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def source_maps(self, batch):
+        """One (D, h_t, w_t) fp16 CPU map per source of the batch."""
+        keys = [(i, tuple(s.shape[1:])) for i, s in zip(batch["id"], batch["source"])]
+        out = [self.maps.get(k) for k in keys]
+        todo = {}  # source size -> the batch positions still to run
+        for j, (m, k) in enumerate(zip(out, keys)):
+            if m is None:
+                todo.setdefault(k[1], []).append(j)
+        for js in todo.values():
+            feats = self.teacher.dense(torch.stack([batch["source"][j] for j in js]))[0]
+            for j, m in zip(js, feats.half().cpu()):  # (D, h_t, w_t) each
+                out[j] = m.clone()
+                if self.bytes + m.nbytes <= self.max_bytes:
+                    self.maps[keys[j]] = out[j]
+                    self.bytes += m.nbytes
+        n_new = sum(len(js) for js in todo.values())
+        self.hits, self.misses = self.hits + len(keys) - n_new, self.misses + n_new
+        return out
+
+    def __call__(self, batch, size, device):
+        """The maps warped onto each source's views: (B*V, D, h, w) fp32, unit."""
+        maps = []
+        for m, boxes, flips in zip(self.source_maps(batch), batch["boxes"], batch["flips"]):
+            m = m.to(device, torch.float32)[None].expand(len(boxes), -1, -1, -1)
+            maps.append(warp(m, boxes, flips, size))  # (V, D, h, w)
+        return F.normalize(torch.cat(maps), dim=1)
+
+
+def setup_distributed(args):
+    """(world size, rank, device) under torchrun (DistributedDataParallel; gloo on CPU, nccl on
+    CUDA), or (1, 0, device) for a single process."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = pick_device(args.device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return world, rank, device
+
+
+def gather(x):
+    """Concatenate a tensor whose first dimension differs across processes (their segments)."""
+    if not dist.is_initialized():
+        return x
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    most = int(max(sizes))
+    parts = [x.new_zeros((most, *x.shape[1:])) for _ in sizes]
+    dist.all_gather(parts, torch.cat([x, x.new_zeros((most - len(x), *x.shape[1:]))]))
+    return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
+
+
+def optimizer_for(f, args, codebook=None):
+    """SGD with the new layers (ASPP, head) at 10x the learning rate, and ConceptContrast's codebook
+    there too, without weight decay [choice]; linear warm-up, then poly decay (power 0.9) to zero
+    at --iters."""
+    head = {id(p) for p in f.head_parameters()}
+    groups = [{"params": [p for p in f.parameters() if id(p) not in head], "lr": args.lr},
+              {"params": f.head_parameters(), "lr": 10 * args.lr}]
+    if codebook is not None:
+        groups.append({"params": [codebook], "lr": 10 * args.lr, "weight_decay": 0.0})
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
+                          weight_decay=args.weight_decay)
+    poly = lambda s: (min(1.0, (s + 1) / max(1, args.warmup))
+                      * (1 - min(s, args.iters - 1) / args.iters) ** 0.9)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, poly)
+
+
+def read_resume(out):
+    """The newest readable checkpoint of a run folder: ckpt.pt, else ckpt_prev.pt (the one before,
+    kept until the next is complete). Returns the checkpoint dict, or None for a new run."""
+    paths = [p for p in (out / "ckpt.pt", out / "ckpt_prev.pt") if p.exists()]
+    for p in paths:
+        try:
+            return read_checkpoint(p, "--resume")
+        except UserError as e:
+            print(f"warning: {e}; trying the checkpoint before it")
+    if paths:
+        raise UserError(f"--resume: no readable checkpoint in {out} (" + ", ".join(
+            p.name for p in paths) + " unreadable); start again with another --out-dir")
+    return None
+
+
+def restore(ck, args, state, device):
+    """Load a checkpoint into the run's modules and optimizer state (`state`: name -> object with
+    load_state_dict) and the random generators; the network flags must be the run's own."""
+    for k in ("aspp_rates", "grid"):  # the same weight shapes, but another network
+        if ck["args"][k] != getattr(args, k):
+            raise UserError(f"{args.out_dir} was trained with --{k.replace('_', '-')} "
+                            f"{ck['args'][k]}: resume with the run's own flags")
+    for name, obj in state.items():
+        if ck.get(name):
+            obj.load_state_dict(ck[name])
+    torch.set_rng_state(ck["rng"].cpu())
+    if device.type == "cuda" and ck.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
+
+
+def resume(args, out, state, device, val=None):
+    """Continue the run in `out` from its newest readable checkpoint (read_resume, restore), the
+    best validation score included; returns its step (0 when there is none yet)."""
+    ck = read_resume(out)
+    if ck is None:
+        return 0
+    restore(ck, args, state, device)
+    if val is not None and ck.get("best"):
+        val.best = ck["best"]
+    print(f"resumed {out} at step {ck['step']}")
+    return ck["step"]
+
+
+def save_checkpoint(path, previous, state, step, device, run):
+    """The run's modules and optimizer state, step and random generators, with `run` (its args,
+    CLIP, class names, method: what model.load_run reads back); written atomically, the checkpoint
+    before it kept as `previous` until the new one is complete."""
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    atomic_save({**{k: v.state_dict() for k, v in state.items()}, "step": step,
+                 "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **run}, path,
+                previous=previous)
+
+
+def trim_log(path, step):
+    """After a resume at `step`, drop the log lines a killed run wrote past its checkpoint."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class Validation:
+    """Language-driven mIoU and pAcc of f on the first --eval-images val images during training,
+    beside the teacher's on the same images (scored once). The first process runs it alone."""
+
+    def __init__(self, args, teacher, stride, device):
+        base = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names)
+        side = test_side(base)
+        self.n, self.device, self.K = args.eval_images, device, len(base.classes)
+        self.names = [c.split(";")[0] for c in base.classes]
+        self.protos, self.owner = teacher.text_prototypes(base.classes)
+        self.images = EvalImages(base, args.eval_size or side, stride)  # f's inputs
+        self.teacher = self.score(lambda x: teacher.dense(x)[0],
+                                  EvalImages(base, side, teacher.stride))
+        self.best = {"step": None, "mIoU": float("-inf")}
+
+    @torch.no_grad()
+    def score(self, embed, images):
+        scores = lambda x: class_scores(embed(x.to(self.device)).float(),
+                                        self.protos, self.owner, self.K)
+        m = segmentation_metrics(language_confusion(scores, images, self.K, self.n), self.names)
+        return {"mIoU": m["mIoU"], "pAcc": m["pAcc"]}
+
+    def __call__(self, f, step, amp):
+        f.eval()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            r = self.score(f, self.images)
+        f.train()
+        if r["mIoU"] > self.best["mIoU"]:
+            self.best = {"step": step, "mIoU": r["mIoU"]}
+        return r
+
+
+def hms(seconds):
+    """12s, 3m05s, 1h02m."""
+    s = int(seconds)
+    if s < 3600:
+        return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class RunLog:
+    """What a run prints and appends to log.jsonl: a line every --log-every steps (losses, lr,
+    segments, ms per step, ETA from the recent step times), the validation lines, a summary."""
+
+    def __init__(self, path, args):
+        self.file, self.args = open(path, "a"), args
+        self.recent, self.eval_s = deque(maxlen=5), 0.0  # seconds per step of the last intervals
+        self.t_start, self.t_last = time.time(), time.perf_counter()
+
+    def write(self, rec):
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+
+    def train(self, step, stop, loss, terms, seg, extra):
+        now = time.perf_counter()
+        self.recent.append((now - self.t_last) / self.args.log_every)  # s per step
+        self.t_last = now
+        evals_left = (stop - step) // self.args.eval_every if self.args.eval_every else 0
+        eta = sum(self.recent) / len(self.recent) * (stop - step) + evals_left * self.eval_s
+        rec = {"step": step, "loss": loss.item(), **{f"L_{k}": v.item() for k, v in terms.items()},
+               "segments": seg.count, "ms": 1000 * self.recent[-1], "eta_s": eta, **extra}
+        print(f"step {step}/{self.args.iters} | loss {rec['loss']:.3f} ("
+              + " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
+              + f") | lr {rec['lr']:.2e} | {seg.count} segments"
+              + (f" | unknown {100 * rec['unknown_share']:.0f}%" if "unknown_share" in rec else "")
+              + (f" | {rec['codes_used']} codes" if "codes_used" in rec else "")
+              + (f" | GPU peak {rec['cuda_peak_gib']:.1f} GiB" if "cuda_peak_gib" in rec else "")
+              + f" | {rec['ms']:.0f} ms | ETA {hms(eta)}", flush=True)
+        if self.args.profile:
+            print("  phases (ms/step): " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                                      rec["phases_ms"].items()))
+        self.write(rec)
+
+    def val(self, step, r, val, seconds):
+        self.eval_s = seconds
+        self.t_last += seconds  # step times leave validation out
+        t = val.teacher
+        print(f"step {step}/{self.args.iters} | val mIoU {r['mIoU']:.1f} (teacher {t['mIoU']:.1f})"
+              f" | pAcc {r['pAcc']:.1f} (teacher {t['pAcc']:.1f}) | best {val.best['mIoU']:.1f} "
+              f"at step {val.best['step']} | {seconds:.1f} s", flush=True)
+        self.write({"step": step, "val_mIoU": r["mIoU"], "val_pAcc": r["pAcc"], "val_images": val.n,
+                    "teacher_mIoU": t["mIoU"], "teacher_pAcc": t["pAcc"]})
+
+    def done(self, step, val, ckpt_path):
+        best = (f" | best val mIoU {val.best['mIoU']:.1f} at step {val.best['step']} (teacher "
+                f"{val.teacher['mIoU']:.1f})" if val is not None and val.best["step"] else "")
+        print(f"done: step {step}/{self.args.iters} in {hms(time.time() - self.t_start)}{best} | "
+              f"{ckpt_path}")
+
+
+class Phases:
+    """Time per phase of a step for --profile (CUDA is synchronised only then)."""
+
+    def __init__(self, on, device):
+        self.on, self.cuda, self.total, self.t = on, device.type == "cuda", {}, time.perf_counter()
+
+    def __call__(self, name):
+        if self.on and self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.total[name] = self.total.get(name, 0.0) + now - self.t
+        self.t = now
+
+    def take(self, steps):
+        out, self.total = {k: 1000 * v / steps for k, v in self.total.items()}, {}
+        return out
+
+
+def log_extras(opt, phases, log_every, stats, device, cache=None):
+    """The numbers of a log line besides the losses: lr, the phase times, the method's stats (read
+    now, once per --log-every steps), the share of teacher maps read from the cache so far, and on
+    CUDA the most GPU memory held at once."""
+    extra = {"lr": opt.param_groups[0]["lr"], "phases_ms": phases.take(log_every)}
+    for k, v in stats.items():
+        extra[k] = v() if callable(v) else v.item()
+    if cache is not None:
+        extra["teacher_cached"] = cache.hits / max(1, cache.hits + cache.misses)
+    if device.type == "cuda":
+        extra["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return extra
