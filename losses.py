@@ -8,6 +8,7 @@ Notation used in shape comments:
 from collections import namedtuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -265,6 +266,8 @@ class Concepts(nn.Module):
         K = len(self.weight)
         pick = torch.randperm(len(zs))[:K] if len(zs) >= K else torch.randint(len(zs), (K,))
         self.weight.copy_(zs[pick.to(zs.device)] + 1e-2 * torch.randn_like(self.weight))
+        if dist.is_initialized():  # every process starts from the first one's codes
+            dist.broadcast(self.weight.data, 0)
         self.started.fill_(True)
 
     def memory(self):

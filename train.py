@@ -345,6 +345,10 @@ def main(args):
                 sys.exit(1)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            # the codebook is outside DDP's module: its gradient is averaged here
+            if world > 1 and concepts is not None and concepts.weight.grad is not None:
+                dist.all_reduce(concepts.weight.grad)
+                concepts.weight.grad /= world
             scaler.step(opt)
             scaler.update()
             sched.step()

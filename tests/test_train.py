@@ -247,11 +247,13 @@ def test_segment_with_a_checkpoint(toy_world, tmp_path):
     assert (tmp_path / "seg" / "val_0001_labels.png").is_file()
 
 
-def test_two_processes_with_torchrun(toy_world, tmp_path):
-    """DistributedDataParallel over 2 CPU processes (gloo): runs, validates and writes once."""
+@pytest.mark.parametrize("method", ["clip-s4", "conceptcontrast"])
+def test_two_processes_with_torchrun(toy_world, tmp_path, method):
+    """DistributedDataParallel over 2 CPU processes (gloo): runs, validates and writes once (with
+    ConceptContrast's codebook, which is outside DDP's module, seeded and averaged by hand)."""
     root, _ = toy_world
     argv = flags_for(root, tmp_path / "ddp", "--iters", "4", "--batch-size", "2", "--eval-every",
-                     "2")
+                     "2", "--method", method)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "train.py", *argv],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
