@@ -214,9 +214,9 @@ TAUGHT = ("clip-s4", "maskclip+")  # the methods that learn from the teacher's m
 
 def objective(args, step, z, seg, regions, pix, clip_map, text, unknown, concepts, kappa_s):
     """The run's objective, one function of losses.py per method: (total, terms, stats), stats the
-    numbers the log reads (as tensors, so that a step does not wait on the GPU). State learned
-    outside the gradient is updated here from every process's segments: CLIP-S4's unknown
-    prototypes, ConceptContrast's memory bank."""
+    numbers the log reads (tensors or functions, read at log time only: a step does not wait on
+    the GPU). State learned outside the gradient is updated here from every process's segments:
+    CLIP-S4's unknown prototypes, ConceptContrast's memory bank."""
     V = 2
     if args.method == "clip-s4":
         lambdas = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s}
