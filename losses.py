@@ -302,14 +302,19 @@ def vector_quantization(zs, concepts, beta=0.25):
     return book + beta * commit, codes
 
 
+def image_codes(codes, image, num_codes):
+    """Which codes occur in each image: (B, K) bool. codes (S,), image (S,) in [0, B)."""
+    has = torch.zeros(int(image.max()) + 1, num_codes, dtype=torch.bool, device=codes.device)
+    has[image, codes] = True
+    return has
+
+
 def cooccurrence_positives(codes, image, num_codes, rule="image"):
     """Which segments are positives for a pixel of image b, (B, S) bool. codes (S,) the segments'
     codes, image (S,) their images in [0, B).
       "image"   (default): s when its code occurs among the codes of b's own segments;
       "overlap": s when the code sets of s's image and of b share a code."""
-    B = int(image.max()) + 1
-    has = torch.zeros(B, num_codes, dtype=torch.bool, device=codes.device)
-    has[image, codes] = True  # (B, K): the codes that occur in each image
+    has = image_codes(codes, image, num_codes)  # (B, K)
     if rule == "image":
         return has[:, codes]
     shared = (has.float() @ has.float().T) > 0  # (B, B): the two images share a code
@@ -330,8 +335,7 @@ def concept_cooccurrence(z, seg, pix, codes, concepts, kappa=10.0, views=2, rule
     pos = cooccurrence_positives(codes, seg.image, K, rule)[p_image]  # (P, S)
     bank, bank_codes = concepts.memory()
     if len(bank):
-        has = torch.zeros(int(seg.image.max()) + 1, K, dtype=torch.bool, device=z.device)
-        has[seg.image, codes] = True  # (B, K): the codes of each image
+        has = image_codes(codes, seg.image, K)  # (B, K)
         zs = torch.cat([zs, bank.to(zs.dtype)])
         pos = torch.cat([pos, has[p_image][:, bank_codes]], dim=1)  # (P, S + N')
     return segment_contrast(zp, zs, pos, kappa)
