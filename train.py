@@ -33,7 +33,8 @@ from losses import (Concepts, UnknownPrototypes, clip_s4_objective, concept_cont
                     segsort_objective)
 from model import ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, class_embeddings
 from training import (Phases, RunLog, TeacherCache, Validation, batches, gather, log_extras,
-                      optimizer_for, resume, save_checkpoint, setup_distributed, trim_log)
+                      optimizer_for, optimizer_step, resume, save_checkpoint, setup_distributed,
+                      trim_log)
 
 # Per-dataset defaults, printed at start and kept in args.json; a flag given on the command line
 # wins. The paper's datasets need none: the flags' own defaults are the paper's setting. Small
@@ -241,9 +242,10 @@ def objective(args, step, z, seg, regions, pix, clip_map, text, unknown, concept
     return loss, terms, {}
 
 
-def open_run_folder(args):
+def open_run_folder(args, device, world, lead):
     """The run folder and its checkpoint paths; a finished or started run is never overwritten
-    without --resume. CLIP files are made absolute: the checkpoint finds its CLIP from anywhere."""
+    without --resume. CLIP files are made absolute: the checkpoint finds its CLIP from anywhere.
+    The first process prints the dataset's preset and every flag of the run."""
     for k in ("clip_config", "clip_pretrained"):
         if getattr(args, k) and os.path.isfile(getattr(args, k)):
             setattr(args, k, os.path.abspath(getattr(args, k)))
@@ -252,6 +254,11 @@ def open_run_folder(args):
     if (ckpt_path.exists() or prev_path.exists()) and not args.resume:
         raise UserError(f"{ckpt_path} exists: add --resume to continue it, or choose another "
                         f"--out-dir")
+    if lead and args.preset:
+        print(f"preset {args.dataset}: "
+              + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.preset.items()))
+    if lead:
+        print(f"train.py | device {device} x {world} | {json.dumps(vars(args))}")
     return out, ckpt_path, prev_path
 
 
@@ -259,12 +266,7 @@ def main(args):
     world, rank, device = setup_distributed(args)
     lead = rank == 0  # only the first process writes and validates
     torch.manual_seed(args.seed)
-    out, ckpt_path, prev_path = open_run_folder(args)
-    if lead:
-        if args.preset:
-            print(f"preset {args.dataset}: "
-                  + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.preset.items()))
-        print(f"train.py | device {device} x {world} | {json.dumps(vars(args))}")
+    out, ckpt_path, prev_path = open_run_folder(args, device, world, lead)
 
     # ---- data: the views, and the teacher's map of each source (none for untaught methods) ----
     base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names)
@@ -291,7 +293,8 @@ def main(args):
                 if args.method == "conceptcontrast" else None)
 
     # ---- optimizer ----
-    opt, sched = optimizer_for(f, args, concepts.weight if concepts is not None else None)
+    outside = [concepts.weight] if concepts is not None else []  # parameters DDP does not hold
+    opt, sched = optimizer_for(f, args, *outside)
     amp = device.type == "cuda" and not args.no_amp
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     state = {"model": f, "unknown": unknown, "optimizer": opt, "scheduler": sched,
@@ -314,9 +317,6 @@ def main(args):
     stream, phases = batches(data, args, step, rank, world), Phases(args.profile, device)
     stop = min(args.iters, step + args.stop_after) if args.stop_after else args.iters
     log = RunLog(out / "log.jsonl", args) if lead else None
-    if val is not None:
-        print(f"val: teacher on the first {val.n} val images | mIoU {val.teacher['mIoU']:.1f} | "
-              f"pAcc {val.teacher['pAcc']:.1f}")
     try:
         while step < stop:
             phases("log+save")
@@ -340,18 +340,9 @@ def main(args):
                                            unknown, concepts, kappa_s)
             phases("losses")
             if not torch.isfinite(loss):
-                print(f"step {step}: non-finite loss {({k: v.item() for k, v in terms.items()})};"
-                      f" stopping, the last good checkpoint is {ckpt_path}")
-                sys.exit(1)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            # the codebook is outside DDP's module: its gradient is averaged here
-            if world > 1 and concepts is not None and concepts.weight.grad is not None:
-                dist.all_reduce(concepts.weight.grad)
-                concepts.weight.grad /= world
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+                sys.exit(f"step {step}: non-finite loss {({k: v.item() for k, v in terms.items()})}"
+                         f"; stopping, the last good checkpoint is {ckpt_path}")
+            optimizer_step(loss, opt, sched, scaler, world, outside)
             phases("backward")
             step += 1
             if lead and (step % args.log_every == 0 or step == args.iters):

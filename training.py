@@ -119,6 +119,21 @@ def optimizer_for(f, args, codebook=None):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, poly)
 
 
+def optimizer_step(loss, opt, sched, scaler, world=1, outside=()):
+    """One SGD step on loss: backward (scaled under AMP), the gradients of `outside` parameters
+    (those not in DDP's module, e.g. ConceptContrast's codebook) averaged over the processes by
+    hand, the step, and the schedule's step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    for p in outside:
+        if world > 1 and p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
 def read_resume(out):
     """The newest readable checkpoint of a run folder: ckpt.pt, else ckpt_prev.pt (the one before,
     kept until the next is complete). Returns the checkpoint dict, or None for a new run."""
@@ -193,6 +208,8 @@ class Validation:
         self.teacher = self.score(lambda x: teacher.dense(x)[0],
                                   EvalImages(base, side, teacher.stride))
         self.best = {"step": None, "mIoU": float("-inf")}
+        print(f"val: teacher on the first {self.n} val images | mIoU {self.teacher['mIoU']:.1f} | "
+              f"pAcc {self.teacher['pAcc']:.1f}")
 
     @torch.no_grad()
     def score(self, embed, images):

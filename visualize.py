@@ -1,16 +1,14 @@
 """visualize.py: the paper's figures, drawn from our checkpoints on any dataset (supplementary
-A.5-A.6).
+A.5-A.6). This script computes what each figure shows; figures.py draws it.
 
-  1. qualitative.png     image | ground truth | one column per method, segmented with the given
-  class
-                         names; the legend marks the names that were not given in training (Fig. 1)
-  2. embeddings_umap.png per class, each method's average pixel embedding and the class's text
-                         embedding, projected together with UMAP (Fig. 2)
-  3. unknown_classes.png for each unknown prototype CLIP-S4 learned, a strip of the validation
-                         segments assigned to it (Fig. 3)
-  4. segment_map.png     segment embeddings projected with UMAP, each drawn as its image patch,
-  framed
-                         green when it belongs to a known class and orange when not (Fig. 4)
+  1. qualitative.png      image | ground truth | one column per method, segmented with the given
+                          names; the legend marks the names not given in training (Fig. 1)
+  2. embeddings_umap.png  per class, each method's average pixel embedding and the class's text
+                          embedding, projected together with UMAP (Fig. 2)
+  3. unknown_classes.png  for each unknown prototype CLIP-S4 learned, a strip of the validation
+                          segments assigned to it (Fig. 3)
+  4. segment_map.png      segment embeddings projected with UMAP, each drawn as its image patch,
+                          framed green for a known class and orange for an unknown one (Fig. 4)
 
 Methods: the teacher alone (--method maskclip) and/or up to three train.py checkpoints:
     python visualize.py --dataset context --method maskclip \
@@ -20,22 +18,20 @@ Toy world on a CPU (about a minute; the teacher at 64 px, each run at its own --
 """
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
+
+import figures
 
 from data import (DATASETS, IGNORE, test_side, SegDataset, UserError, majority_labels, palette,
                   resize_for_teacher)
 from losses import UnknownPrototypes, image_segments, segment_means
 from clip_loading import add_clip_args, load_clip, resolve_clip_args
 from model import DISPLAY_NAMES, MaskCLIP, class_embeddings, class_scores, load_run, pick_device
-
-GREEN, ORANGE = "#2ca02c", "#ff7f0e"
 
 
 def get_args(argv=None):
@@ -53,18 +49,12 @@ def get_args(argv=None):
     p.add_argument("--dataset", default="voc", choices=DATASETS)
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
-    p.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="short side for the checkpoints (default: each run's --eval-size, else the dataset's)",
-    )
-    p.add_argument(
-        "--teacher-size",
-        type=int,
-        default=None,
-        help="short side for the teacher (default: the dataset's test side, 64 for the toy CLIP)",
-    )
+    p.add_argument("--size", type=int, default=None,
+                   help="short side for the checkpoints (default: each run's --eval-size, "
+                   "else the dataset's)")
+    p.add_argument("--teacher-size", type=int, default=None,
+                   help="short side for the teacher (default: the dataset's test side, 64 for "
+                   "the toy CLIP)")
     p.add_argument("--classes", nargs="+", default=None,
                    help="Fig. 1: the names to segment with (default: the dataset's)")
     p.add_argument("--unknown-classes", nargs="+", default=[],
@@ -84,28 +74,16 @@ def get_args(argv=None):
                    help="Fig. 4: index of the method (default: CLIP-S4)")
     p.add_argument("--map-cells", type=int, default=24,
                    help="Fig. 4: at most one patch per cell of a C x C grid")
-    p.add_argument(
-        "--frame",
-        choices=["model", "truth"],
-        default="model",
-        help="Fig. 4: unknown = assigned to no known name by the method (model), or ground truth "
-        "withheld / unlabelled (truth) [choice: the paper does not say]",
-    )
-    p.add_argument(
-        "--assign",
-        choices=["clip", "student"],
-        default="clip",
-        help="Figs. 3-4, CLIP-S4 runs: which embedding of a segment picks its unknown prototype: "
-        "CLIP's, as in training (clip), or the trained network's (student) [choice]",
-    )
-    p.add_argument(
-        "--tau",
-        type=float,
-        default=0.5,
-        help="Fig. 4 --frame model, methods without unknown "
-        "prototypes: a segment is unknown when its softmax (scale 100) over known names is "
-        "below tau",
-    )
+    p.add_argument("--frame", choices=["model", "truth"], default="model",
+                   help="Fig. 4: unknown = assigned to no known name by the method (model), or "
+                   "ground truth withheld / unlabelled (truth) [choice: the paper does not say]")
+    p.add_argument("--assign", choices=["clip", "student"], default="clip",
+                   help="Figs. 3-4, CLIP-S4 runs: which embedding of a segment picks its unknown "
+                   "prototype: CLIP's, as in training (clip), or the trained network's (student) "
+                   "[choice]")
+    p.add_argument("--tau", type=float, default=0.5,
+                   help="Fig. 4 --frame model, methods without unknown prototypes: a segment is "
+                   "unknown when its softmax (scale 100) over known names is below tau")
     # Output
     p.add_argument("--out-dir", default="out/figures")
     p.add_argument("--dpi", type=int, default=130)
@@ -139,9 +117,8 @@ def load_methods(args, device, names, side):
             unknown = unknown if bool(unknown.started) else None
         size = args.size or run["args"]["eval_size"] or side
         methods.append(dict(label=DISPLAY_NAMES.get(run["method"], run["method"]), embed=f,
-                            stride=f.stride, size=size,
-                            teacher=teacher, known=[c.split(";")[0] for c in run["known"]],
-                            unknown=unknown,
+                            stride=f.stride, size=size, teacher=teacher,
+                            known=[c.split(";")[0] for c in run["known"]], unknown=unknown,
                             trained=True))
         if unknown is not None:  # the text side of the modality-gap shift, as in training
             methods[-1]["unknown_text"] = class_embeddings(teacher, run["known"])
@@ -153,8 +130,7 @@ def load_methods(args, device, names, side):
         name = DISPLAY_NAMES[teacher.info["teacher"]]
         methods.insert(0, dict(label=name, embed=teacher.dense, stride=teacher.stride,
                                size=args.teacher_size or side, teacher=teacher, known=known,
-                               unknown=None,
-                               trained=False))
+                               unknown=None, trained=False))
     labels = args.labels or [m["label"] for m in methods]
     if len(labels) != len(methods):
         raise UserError(f"--labels: {len(labels)} names for {len(methods)} methods")
@@ -195,58 +171,35 @@ def assign_unknown(m, p, known_idx, rule, tau):
     return unknown, proto, score
 
 
-def thumbnail(img, ids_full, s, side=48):
-    """The patch of segment s: its bounding box, pixels outside the segment faded to white."""
-    ys, xs = np.nonzero(ids_full == s)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    crop = img[y0:y1, x0:x1].astype(np.float32)
-    inside = (ids_full[y0:y1, x0:x1] == s)[..., None]
-    crop = np.where(inside, crop, 0.25 * crop + 0.75 * 255).astype(np.uint8)
-    return np.asarray(Image.fromarray(crop).resize((side, side), Image.BILINEAR))
-
-
 # ----------------------------------------------------------------------------------------------
 # Fig. 1: qualitative comparison
 # ----------------------------------------------------------------------------------------------
-def figure_qualitative(methods, base, picks, class_names, known, dataset_names):
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+def qualitative_panels(methods, base, picks, class_names, dataset_names):
+    """Each picked image segmented by every method with class_names (argmax of class_scores at the
+    label size). Returns rows of (H, W, 3) panels, their column titles and the colours (K + 1, 3):
+    one per name, black for ignore and for a ground-truth class not among class_names."""
     K = len(class_names)
     colours = palette(K + 1)
-    colours[K] = 0  # ignore / not among the given names: black
+    colours[K] = 0
     remap = np.full(256, K, np.int64)  # dataset index -> index among the given names
     for j, n in enumerate(dataset_names):
         if n in class_names:
             remap[j] = class_names.index(n)
     has_gt = any(n in class_names for n in dataset_names)
     cols = ["image"] + (["ground truth"] if has_gt else []) + [m["label"] for m in methods]
-    legend_in = 0.45 + 0.25 * (1 + (K - 1) // 7)  # inches for the legend under the panels
-    fig, axes = plt.subplots(len(picks), len(cols), squeeze=False,
-                             figsize=(2.3 * len(cols), 2.3 * len(picks) + legend_in))
-    # (protos, owner) per method
-    text = [m["teacher"].text_prototypes(class_names) for m in methods]
-    for r, i in enumerate(tqdm(picks, desc="Fig. 1")):
+    text = [m["teacher"].text_prototypes(class_names) for m in methods]  # (protos, owner) each
+    rows = []
+    for i in tqdm(picks, desc="Fig. 1"):
         item = base[i]
-        img, H, W = item["image"], *item["label"].shape
+        img, (H, W) = item["image"], item["label"].shape
         panels = [img] + ([colours[remap[item["label"]]]] if has_gt else [])
         for m, (protos, owner) in zip(methods, text):
             scores = class_scores(features(m, img)[None].to(protos.device), protos, owner, K)
             pred = F.interpolate(scores, size=(H, W), mode="bilinear",
                                  align_corners=False)[0].argmax(0).cpu()
             panels.append(colours[pred.numpy()])
-        for c, (ax, pic) in enumerate(zip(axes[r], panels)):
-            ax.imshow(pic)
-            ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(cols[c], fontsize=10)
-        axes[r, 0].set_ylabel(item["id"], fontsize=8)
-    handles = [Patch(facecolor=colours[k] / 255, edgecolor="k",
-                     label=n if n in known else f"{n} (unknown)") for k,
-                     n in enumerate(class_names)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(K, 7), fontsize=9, frameon=False,
-               title="names segmented with  ((unknown): not given in training)", title_fontsize=9)
-    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
-    return fig
+        rows.append(panels)
+    return rows, cols, colours
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,72 +237,21 @@ def embedding_pass(methods, base, idx, args, K):
             gt, ids = majority_labels(seg.ids[0], lab, K, seg.count)
             gts.append(gt)
             embs.append(emb)
-            patches += [thumbnail(item["image"], ids.numpy(), s) for s in range(seg.count)]
+            patches += [figures.thumbnail(item["image"], ids.numpy(), s)
+                        for s in range(seg.count)]
         out.append(dict(means=F.normalize(sums[:K], dim=1), counts=counts[:K], emb=torch.cat(embs),
                         gt=torch.cat(gts), patches=np.stack(patches),
                         cs=torch.cat(cs) if cs else None))
     return out
 
 
-def umap_2d(x, seed):
-    """UMAP (cosine) of the rows of x -> (n, 2); the neighbourhood shrinks for small n. UMAP's numba
-    code can change torch's CPU thread count, and with it the last bits of later forwards (seen with
-    OMP_NUM_THREADS=1: 1 -> 2), so the count is put back: the same seed gives the same pictures."""
-    threads = torch.get_num_threads()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import umap
-        reducer = umap.UMAP(n_neighbors=max(2, min(15, len(x) - 1)), metric="cosine",
-                            random_state=seed,
-                            init="random" if len(x) < 30 else "spectral")
-        xy = reducer.fit_transform(np.asarray(x, np.float32))
-    torch.set_num_threads(threads)
-    return xy
-
-
 # ----------------------------------------------------------------------------------------------
-# Fig. 2: class means and text embeddings, one UMAP
+# Fig. 3: which segments each unknown prototype holds
 # ----------------------------------------------------------------------------------------------
-def figure_umap(methods, passes, names, seed):
-    import matplotlib.pyplot as plt
-    present = (
-        (torch.stack([p["counts"] for p in passes]).min(0).values > 0).nonzero().squeeze(1).tolist()
-    )
-    text = methods[0]["text"].cpu()[present]
-    points = torch.cat([p["means"][present] for p in passes] + [text]).numpy()
-    xy = umap_2d(points, seed)
-    n = len(present)
-    fig, ax = plt.subplots(figsize=(8, 7))
-    markers, colours = "osD^", ["#1f77b4", "#d62728", "#9467bd", "#8c564b"]
-    txt_xy = xy[len(methods) * n:]
-    summary = {}
-    for j, m in enumerate(methods):
-        pts = xy[j * n:(j + 1) * n]
-        align = float((passes[j]["means"][present] * text).sum(1).mean())
-        summary[m["label"]] = align
-        for a, b in zip(pts, txt_xy):
-            ax.plot([a[0], b[0]], [a[1], b[1]], color=colours[j], lw=0.6, alpha=0.5)
-        ax.scatter(pts[:, 0], pts[:, 1], marker=markers[j], s=45, color=colours[j],
-                   label=f"{m['label']} pixel mean (mean cos to text {align:.2f})")
-    ax.scatter(txt_xy[:, 0], txt_xy[:, 1], marker="*", s=160, color="k",
-               label="CLIP text embedding")
-    for k, (x, y) in zip(present, txt_xy):
-        ax.annotate(names[k], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9)
-    ax.set_xticks([]), ax.set_yticks([])
-    ax.legend(loc="best", fontsize=9)
-    ax.set_title(f"Average pixel embedding per class, projected with the text embeddings (UMAP, "
-                 f"{n} classes)")
-    fig.tight_layout()
-    return fig, summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Fig. 3: learned unknown classes
-# ----------------------------------------------------------------------------------------------
-def figure_unknown(m, p, names, assigned, strip):
-    """One row per unknown prototype that validation segments were assigned to (see assign_unknown),
-    its best segments first; the label says how many and the ground-truth class most of them are."""
-    import matplotlib.pyplot as plt
+def unknown_rows(m, p, names, assigned, strip):
+    """One row per unknown prototype that validation segments were assigned to (assign_unknown):
+    (text, its best `strip` segments). The text says how many segments it holds and the
+    ground-truth class most of them are; the rows with the most segments come first."""
     _, proto, score = assigned
     rows = []
     for u in range(len(m["unknown"].protos)):
@@ -362,75 +264,10 @@ def figure_unknown(m, p, names, assigned, strip):
             if len(gt):  # the ground truth most of the prototype's segments hold, and its share
                 mode = gt.mode().values
                 top = f"{names[int(mode)]} {100 * float((gt == mode).float().mean()):.0f}%"
-            rows.append((u, sel[:strip],
-                         f"u{u}: {len(sel)} segment{'s' * (len(sel) > 1)}\nmost: {top}"))
-    if not rows:
-        return None, 0
-    rows.sort(key=lambda r: -len(r[1]))
-    fig, axes = plt.subplots(len(rows), strip, figsize=(1.2 * strip + 1.6, 1.25 * len(rows) + 0.6),
-                             squeeze=False)
-    for r, (u, sel, label) in enumerate(rows):
-        for c in range(strip):
-            ax = axes[r, c]
-            ax.axis("off")
-            if c < len(sel):
-                ax.imshow(p["patches"][int(sel[c])])
-        axes[r, 0].text(-0.15, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center",
-                        fontsize=8)
-    fig.suptitle(f"{m['label']}: learned unknown classes (validation segments, best first)",
-                 fontsize=10)
-    fig.subplots_adjust(left=0.2, wspace=0.05, hspace=0.15)
-    return fig, len(rows)
-
-
-# ----------------------------------------------------------------------------------------------
-# Fig. 4: segment map
-# ----------------------------------------------------------------------------------------------
-def figure_segment_map(m, p, is_known, cells, seed):
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-    xy = umap_2d(p["emb"].numpy(), seed)
-    lo, hi = xy.min(0), xy.max(0)
-    cell = np.floor((xy - lo) / np.maximum(hi - lo, 1e-9) * (cells - 1e-6)).astype(int)
-    order = np.random.default_rng(seed).permutation(len(xy))
-    chosen, taken = [], set()
-    for s in order:  # one patch per grid cell, so patches do not pile up
-        if tuple(cell[s]) not in taken:
-            taken.add(tuple(cell[s]))
-            chosen.append(s)
-    fig, ax = plt.subplots(figsize=(11, 11))
-    ax.scatter(xy[:, 0], xy[:, 1], s=4, c=np.where(is_known, GREEN, ORANGE).tolist(), alpha=0.4)
-    for s in chosen:
-        box = AnnotationBbox(OffsetImage(p["patches"][s], zoom=0.75), xy[s], frameon=True, pad=0.1,
-                             bboxprops=dict(edgecolor=GREEN if is_known[s] else ORANGE,
-                                            linewidth=2))
-        ax.add_artist(box)
-    pad = 0.06 * (hi - lo)
-    ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0]), ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
-    ax.set_xticks([]), ax.set_yticks([])
-    n_known = int(is_known.sum())
-    ax.legend(handles=[Line2D([], [], color=GREEN, lw=3, label=f"known class ({n_known} segments)"),
-                       Line2D([], [], color=ORANGE, lw=3,
-                              label=f"unknown class ({len(xy) - n_known} segments)")],
-              loc="upper right")
-    ax.set_title(f"{m['label']}: {len(xy)} validation segments (UMAP), {len(chosen)} drawn")
-    fig.tight_layout()
-    return fig, len(chosen)
-
-
-def figure_facts(fig):
-    """What a drawn figure contains, read back from its artists (for the tests and the caller):
-    image panels, panel titles, legend entries, text labels and the frame colours of image boxes."""
-    from matplotlib.colors import to_hex
-    from matplotlib.offsetbox import AnnotationBbox
-    legends = list(fig.legends) + [a.get_legend() for a in fig.axes if a.get_legend()]
-    boxes = [b for a in fig.axes for b in a.artists if isinstance(b, AnnotationBbox)]
-    return {"panels": sum(1 for a in fig.axes if a.images),
-            "titles": [a.get_title() for a in fig.axes],
-            "legend": [t.get_text() for lg in legends for t in lg.get_texts()],
-            "texts": [t.get_text() for a in fig.axes for t in a.texts],
-            "frames": [to_hex(b.patch.get_edgecolor()) for b in boxes]}
+            rows.append((len(sel), f"u{u}: {len(sel)} segment{'s' * (len(sel) > 1)}\nmost: {top}",
+                         sel[:strip]))
+    rows.sort(key=lambda r: -r[0])
+    return [(text, sel) for _, text, sel in rows]
 
 
 def main(args):
@@ -456,7 +293,7 @@ def main(args):
     def save(fig, name):
         import matplotlib.pyplot as plt
         fig.savefig(out / name, dpi=args.dpi)
-        written[name] = dict(path=str(out / name), **figure_facts(fig))
+        written[name] = dict(path=str(out / name), **figures.facts(fig))
         plt.close(fig)
         print(f"wrote {out / name}")
 
@@ -473,17 +310,21 @@ def main(args):
         class_names = args.classes or names
         if len(set(class_names)) != len(class_names):
             raise UserError("--classes: a name is given twice")
-        save(figure_qualitative(methods, base, picks, class_names, known, names), "qualitative.png")
+        rows, cols, colours = qualitative_panels(methods, base, picks, class_names, names)
+        save(figures.qualitative(rows, cols, [base[i]["id"] for i in picks], colours, class_names,
+                                 known), "qualitative.png")
     if {2, 3, 4} & set(args.figures):
         n = min(args.pass_images or len(base), len(base))
         idx = sorted(np.random.default_rng(args.seed).choice(len(base), n, replace=False).tolist())
         passes = embedding_pass(methods, base, idx, args, len(names))
-        if 2 in args.figures:
-            fig, align = figure_umap(methods, passes, names, args.seed)
-            print(
-                "mean cosine of class means to text: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in align.items())
-            )
+        if 2 in args.figures:  # the classes present in every method's pass
+            counts = torch.stack([p["counts"] for p in passes]).min(0).values
+            present = (counts > 0).nonzero().squeeze(1).tolist()
+            fig, align = figures.class_means_umap(
+                [m["label"] for m in methods], [p["means"][present] for p in passes],
+                methods[0]["text"].cpu()[present], [names[k] for k in present], args.seed)
+            print("mean cosine of class means to text: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in align.items()))
             save(fig, "embeddings_umap.png")
         if 3 in args.figures:
             j = next((j for j, m in enumerate(methods) if m["unknown"] is not None), None)
@@ -492,12 +333,13 @@ def main(args):
                       "among the methods")
             else:
                 assigned = assign_unknown(methods[j], passes[j], known_idx, args.assign, args.tau)
-                fig, n_rows = figure_unknown(methods[j], passes[j], names, assigned, args.strip)
-                if fig is None:
+                rows = unknown_rows(methods[j], passes[j], names, assigned, args.strip)
+                if not rows:
                     print(f"Fig. 3 skipped: no validation segment went to an unknown prototype "
                           f"(--assign {args.assign})")
                 else:
-                    save(fig, "unknown_classes.png")
+                    save(figures.unknown_strips(methods[j]["label"], rows, passes[j]["patches"],
+                                                args.strip), "unknown_classes.png")
         if 4 in args.figures:
             j = args.map_method if args.map_method is not None else methods.index(ref)
             if not 0 <= j < len(methods):
@@ -507,8 +349,8 @@ def main(args):
                 is_known = np.array([g >= 0 and names[g] in known for g in p["gt"].tolist()])
             else:
                 is_known = ~assign_unknown(m, p, known_idx, args.assign, args.tau)[0].numpy()
-            save(figure_segment_map(m, p, is_known, args.map_cells, args.seed)[0],
-                 "segment_map.png")
+            save(figures.segment_map(m["label"], p["emb"].numpy(), p["patches"], is_known,
+                                     args.map_cells, args.seed)[0], "segment_map.png")
     return written
 
 

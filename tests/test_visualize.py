@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train
+import figures
 import visualize as V
 from data import SegDataset, UserError
 from clip_loading import load_clip
@@ -83,9 +84,11 @@ def test_unknown_strips_and_segment_map(drawn):
     f = facts["unknown_classes.png"]
     rows = [t for t in f["texts"] if t.startswith("u")]
     assert rows and all("segment" in t and "most:" in t for t in rows)
+    held = [int(t.split(": ")[1].split()[0]) for t in rows]
+    assert held == sorted(held, reverse=True)  # the prototypes holding the most segments first
     assert 0 < f["panels"] <= 3 * len(rows)  # at most --strip patches per prototype row
     m = facts["segment_map.png"]
-    assert m["frames"] and set(m["frames"]) <= {V.GREEN, V.ORANGE}
+    assert m["frames"] and set(m["frames"]) <= {figures.GREEN, figures.ORANGE}
     known_n, unknown_n = (int(t.split("(")[1].split()[0]) for t in m["legend"])
     assert known_n + unknown_n >= len(m["frames"])
 
