@@ -195,13 +195,15 @@ def segmentation_metrics(cm, names):
             "per_class": {n: (None if np.isnan(v) else 100 * float(v)) for n, v in zip(names, iou)}}
 
 
-def language_confusion(scores_of, data, num_classes, limit=0, desc=None):
+def language_confusion(scores_of, data, num_classes, limit=0, desc=None, refine=None):
     """The language-driven protocol over a split: each image's class scores, upsampled (bilinear) to
     its label, argmax per pixel, one confusion matrix. Used by evaluate.py and by train.py's
     validation. No random numbers are drawn, so scoring inside training leaves the run unchanged.
     Args:
         scores_of: maps an image (1, 3, h, w) float in [0, 1] to class scores (1, K, h', w').
         data: EvalImages; limit: score only the first N images (0: all); desc: a progress-bar title.
+        refine: None, or (image (1, 3, h, w), scores (1, K, h, w)) -> scores, run on the scores
+            upsampled to the input image (model.pamr).
     Returns:
         (K, K) int64 confusion matrix, rows = ground truth."""
     cm = np.zeros((num_classes, num_classes), np.int64)
@@ -209,6 +211,9 @@ def language_confusion(scores_of, data, num_classes, limit=0, desc=None):
     for i in tqdm(range(n), desc=desc, disable=desc is None, leave=False):
         item = data[i]
         s = scores_of(item["image"][None]).float()  # (1, K, h', w')
+        if refine is not None:  # (1, K, h, w)
+            x = item["image"][None].to(s.device)
+            s = refine(x, F.interpolate(s, size=x.shape[2:], mode="bilinear", align_corners=False))
         # (1, K, H, W)
         s = F.interpolate(s, size=item["label"].shape, mode="bilinear", align_corners=False)
         cm += confusion_matrix(s[0].argmax(0).cpu().numpy(), item["label"].numpy(), num_classes)

@@ -26,8 +26,8 @@ import torch
 from data import (CONTEXT_FOLDS, DATASETS, EvalImages, SegDataset, UserError, language_confusion,
                   per_class_line, segmentation_metrics, write_json)
 from clip_loading import add_clip_args, resolve_clip_args
-from model import (DISPLAY_NAMES, class_scores, key_smoothing, load_embedder, pick_device,
-                   prompt_denoising)
+from model import (DISPLAY_NAMES, add_refine_args, class_scores, key_smoothing, load_embedder,
+                   pick_device, prompt_denoising, refiner)
 
 # The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name
 # known, by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std)
@@ -72,6 +72,7 @@ def get_args(argv=None):
                    help="MaskCLIP refinement (teacher only)")
     p.add_argument("--prompt-denoising", action="store_true",
                    help="MaskCLIP refinement (teacher only)")
+    add_refine_args(p)  # every row, the teacher's included
     # Data
     p.add_argument("--dataset", default="voc", choices=DATASETS)
     p.add_argument("--class-names", default=None,
@@ -185,8 +186,11 @@ def confusion(args, checkpoint, device, size=None):
         f"evaluate.py | {label} | {args.dataset} {args.split}: {len(base)} images, {K} classes, "
         f"short side {data.side}"
         + (f" | unknown: {', '.join(run['withheld'])}" if run and run["withheld"] else "")
+        + (f" | refine pamr: {args.pamr_iters} iterations, dilations {args.pamr_dilations}"
+           if args.refine == "pamr" else "")
     )
-    cm = language_confusion(image_scores, data, K, args.limit, desc="evaluating")
+    cm = language_confusion(image_scores, data, K, args.limit, desc="evaluating",
+                            refine=refiner(args))
     clip = teacher.info["name"]  # the table's CLIP column names a teacher other than MaskCLIP
     clip += f" ({teacher.info['teacher']})" if teacher.info["teacher"] != "maskclip" else ""
     return cm, names, run, label, clip
@@ -302,7 +306,7 @@ def main(args):
                  if "unknown" in t and "unknown" in result else ""))
     print(per_class_line(result["per_class"]))
     if args.json:
-        write_json(args.json, {"method": rows[0][0], **result})
+        write_json(args.json, {"method": rows[0][0], "refine": args.refine, **result})
     return result
 
 

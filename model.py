@@ -342,6 +342,63 @@ def key_smoothing(scores, keys, thresh=1.0, scale=100.0):
     return torch.where(low, smoothed, prob).view(B, K, h, w)
 
 
+def add_refine_args(p):
+    """--refine and PAMR's settings, shared by evaluate.py and segment.py."""
+    p.add_argument("--refine", choices=["none", "pamr"], default="none",
+                   help="post-process of any method's scores: pamr = pixel-adaptive mask "
+                   "refinement on the input image, as NACLIP reports (beyond the paper)")
+    p.add_argument("--pamr-iters", type=int, default=10, help="PAMR iterations (NACLIP's 10)")
+    p.add_argument("--pamr-dilations", type=int, nargs="+", default=[8, 16],
+                   help="PAMR neighbour rings, in input pixels (NACLIP's 8 16, at VOC's 448 px)")
+
+
+def refiner(args):
+    """The --refine post-process as evaluate.py and segment.py call it, or None."""
+    if args.refine == "none":
+        return None
+    if args.pamr_iters < 0 or min(args.pamr_dilations) < 1:
+        raise UserError(f"--pamr-iters {args.pamr_iters} --pamr-dilations "
+                        f"{' '.join(map(str, args.pamr_dilations))}: iterations >= 0, dilations "
+                        f">= 1")
+    return lambda image, scores: pamr(image, scores, args.pamr_iters, args.pamr_dilations)
+
+
+def ring_neighbours(x, dilations):
+    """Each pixel's 8 neighbours at each dilation d (offsets -d, 0, d in y and x, the pixel itself
+    left out; the border replicated): (B, C, H, W) -> (B, C, 8 * len(dilations), H, W)."""
+    H, W = x.shape[2:]
+    out = []
+    for d in dilations:
+        p = F.pad(x, [d] * 4, mode="replicate")
+        out += [p[:, :, d + dy:d + dy + H, d + dx:d + dx + W]
+                for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
+    return torch.stack(out, 2)
+
+
+def pamr(image, scores, iters=10, dilations=(8, 16), chunk=16):
+    """Pixel-adaptive mask refinement (PAMR; Araslanov and Roth, CVPR 2020), the post-process NACLIP
+    and SCLIP report with. Each pixel's scores become an average of its neighbours' (ring_neighbours
+    P = 8 per dilation), weighted by how alike their colours are, repeated `iters` times:
+        a_ij = softmax_j( -mean_c |I_ic - I_jc| / (0.1 sigma_ic) ),   s_i <- sum_j a_ij s_j,
+    sigma_ic: the std of channel c over i's 3 x 3 windows at every dilation (i included). Linear in
+    the scores, so cosines and logits give the same argmax. image (B, 3, H, W), any affine colour
+    scale per channel (it cancels); scores (B, K, H, W) -> (B, K, H, W); K in chunks (memory)."""
+    image = image.float()
+    nb = ring_neighbours(image, dilations)  # (B, 3, P, H, W)
+    centre = image[:, :, None]
+    window = torch.cat([nb, centre.expand(-1, -1, len(dilations), -1, -1)], 2)
+    sigma = window.std(2, keepdim=True)  # (B, 3, 1, H, W)
+    aff = (-(nb - centre).abs() / (1e-8 + 0.1 * sigma)).mean(1, keepdim=True).softmax(2)
+    scores = torch.nan_to_num(scores.float(), neginf=-1e4)  # a removed class stays lowest
+    parts = []
+    for k in range(0, scores.shape[1], chunk):
+        s = scores[:, k:k + chunk]
+        for _ in range(iters):
+            s = (ring_neighbours(s, dilations) * aff).sum(2)
+        parts.append(s)
+    return torch.cat(parts, 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # The pixel-embedding network f (docs/method.md section 4)
 # ----------------------------------------------------------------------------------------------

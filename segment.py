@@ -27,8 +27,8 @@ from PIL import Image
 from data import (UserError, atomic_save, list_images, load_image, palette, resize_for_teacher,
                   resize_labels, save_label_png)
 from clip_loading import add_clip_args, resolve_clip_args
-from model import (CACHE_DIR, class_scores, key_smoothing, load_embedder, parse_class_names,
-                   pick_device, prompt_denoising)
+from model import (CACHE_DIR, add_refine_args, class_scores, key_smoothing, load_embedder,
+                   parse_class_names, pick_device, prompt_denoising, refiner)
 
 
 def label_shares(labels, num_classes):
@@ -115,6 +115,7 @@ def get_args(argv=None):
                    help="MaskCLIP refinement: drop classes never confident")
     p.add_argument("--pd-thresh", type=float, default=0.5,
                    help="prompt denoising keeps a class whose peak prob reaches this")
+    add_refine_args(p)
     # Output
     p.add_argument("--out-dir", default="out/segment", help="where the PNGs are written")
     p.add_argument("--cache-dir", default=str(CACHE_DIR),
@@ -139,6 +140,9 @@ def segment_image(embed, stride, img, protos, owner, num_classes, args):
     # to the original size: a 6000 x 4000 photo never holds K full-size float maps.
     # (1, K, h', w')
     scores = F.interpolate(scores, size=x.shape[2:], mode="bilinear", align_corners=False)
+    refine = refiner(args)
+    if refine is not None:  # on the teacher's input image, before the labels are resized
+        scores = refine(x.to(scores.device), scores)
     labels = scores[0].argmax(dim=0).to(torch.uint8).cpu().numpy()  # (h', w')
     return resize_labels(labels, img.shape[:2])
 

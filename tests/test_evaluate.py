@@ -186,3 +186,34 @@ def test_linear_probe_learns_and_resumes_exactly(toy_world, tmp_path):
     (a,), (b,) = (list((tmp_path / d).glob("probe_*.pt")) for d in "ab")
     wa, wb = (torch.load(p, weights_only=True)["classifier"] for p in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and halves == straight
+
+
+def test_refine_pamr_runs_on_the_input_image(toy_world, tmp_path):
+    """--refine pamr: the teacher's scores upsampled to its input image, refined there
+    (model.pamr), then to the label: the same confusion as that loop written out here."""
+    import numpy as np
+    import torch.nn.functional as F
+    from clip_loading import load_clip
+    from data import EvalImages, SegDataset, UserError, confusion_matrix, segmentation_metrics
+    from model import MaskCLIP, class_scores, pamr
+    root, _ = toy_world
+    common = ["--dataset", "toy", "--data-root", str(root), "--method", "maskclip", "--limit", "4"]
+    out = tmp_path / "r.json"
+    m = evaluate.main(evaluate.get_args(common + ["--refine", "pamr", "--pamr-iters", "3",
+                                                  "--pamr-dilations", "1", "2", "--json",
+                                                  str(out)]))
+    teacher = MaskCLIP(*load_clip("toyclip", str(root / "toyclip.pt"), str(root / "toyclip.json")))
+    base = SegDataset("toy", root, "val")
+    data, K = EvalImages(base, 64, teacher.stride), len(base.classes)
+    protos, owner = teacher.text_prototypes(base.classes)
+    cm = np.zeros((K, K), np.int64)
+    for i in range(4):
+        x, label = data[i]["image"][None], data[i]["label"]
+        s = class_scores(teacher.dense(x)[0], protos, owner, K)
+        s = pamr(x, F.interpolate(s, size=x.shape[2:], mode="bilinear"), 3, (1, 2))
+        s = F.interpolate(s, size=label.shape, mode="bilinear")
+        cm += confusion_matrix(s[0].argmax(0).numpy(), label.numpy(), K)
+    assert m["mIoU"] == pytest.approx(segmentation_metrics(cm, base.classes)["mIoU"])
+    assert json.loads(out.read_text())["refine"] == "pamr"
+    with pytest.raises(UserError, match="dilations >= 1"):
+        evaluate.main(evaluate.get_args(common + ["--refine", "pamr", "--pamr-dilations", "0"]))

@@ -216,6 +216,69 @@ def test_key_smoothing_matches_loop():
         torch.testing.assert_close(out.view(3, 6)[:, i], ref, atol=1e-5, rtol=1e-5)
 
 
+def reference_pamr(image, scores, iters, dilations):
+    """PAMR pixel by pixel: explicit neighbour lists with clamped (replicated) borders."""
+    _, C, H, W = image.shape
+    at = lambda t, c, y, x: float(t[0, c, min(max(y, 0), H - 1), min(max(x, 0), W - 1)])
+    offsets = [(dy, dx) for d in dilations for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
+    weights = {}
+    for y in range(H):
+        for x in range(W):
+            logits = []
+            for dy, dx in offsets:
+                a = 0.0
+                for c in range(C):
+                    window = [at(image, c, y + dy2, x + dx2) for d in dilations
+                              for dy2 in (-d, 0, d) for dx2 in (-d, 0, d)]
+                    sigma = torch.tensor(window).std().item()  # unbiased, as torch.std
+                    diff = abs(at(image, c, y, x) - at(image, c, y + dy, x + dx))
+                    a += -diff / (1e-8 + 0.1 * sigma)
+                logits.append(a / C)
+            weights[y, x] = torch.tensor(logits).softmax(0).tolist()
+    s = scores.clone()
+    for _ in range(iters):
+        new = torch.zeros_like(s)
+        for k in range(s.shape[1]):
+            for y in range(H):
+                for x in range(W):
+                    new[0, k, y, x] = sum(w * at(s, k, y + dy, x + dx)
+                                          for w, (dy, dx) in zip(weights[y, x], offsets))
+        s = new
+    return s
+
+
+@pytest.mark.parametrize("dilations", [(1,), (1, 3)])
+def test_pamr_matches_a_pixel_loop(dilations):
+    torch.manual_seed(0)
+    image, scores = torch.rand(1, 3, 5, 7), torch.randn(1, 3, 5, 7)
+    out = M.pamr(image, scores, iters=2, dilations=dilations, chunk=2)  # chunks of classes too
+    torch.testing.assert_close(out, reference_pamr(image, scores, 2, dilations), atol=1e-5,
+                               rtol=1e-5)
+    # an affine change of each colour channel cancels; a removed (-inf) class stays lowest
+    torch.testing.assert_close(M.pamr(3 * image + 0.5, scores, 2, dilations), out, atol=1e-4,
+                               rtol=1e-4)
+    gone = scores.clone()
+    gone[:, 1] = float("-inf")
+    refined = M.pamr(image, gone, iters=2, dilations=dilations)
+    assert torch.isfinite(refined).all() and (refined.argmax(1) != 1).all()
+
+
+def test_pamr_keeps_scores_inside_an_edge():
+    """Two flat colour halves, noisy scores: the refinement averages within each half and not
+    across the edge, so every pixel ends on its half's class; on an image without the edge the
+    same averaging runs across it and gets pixels wrong."""
+    torch.manual_seed(0)
+    image = torch.zeros(1, 3, 8, 8)
+    image[:, :, :, 4:] = 1.0
+    truth = torch.zeros(8, 8, dtype=torch.long)
+    truth[:, 4:] = 1
+    scores = F.one_hot(truth, 2).permute(2, 0, 1)[None].float() + 0.8 * torch.randn(1, 2, 8, 8)
+    wrong = lambda s: int((s[0].argmax(0) != truth).sum())
+    assert wrong(scores) > 5
+    assert wrong(M.pamr(image, scores, iters=20, dilations=(1, 2))) == 0
+    assert wrong(M.pamr(torch.zeros_like(image), scores, iters=20, dilations=(1, 2))) > 0
+
+
 # ---------------------------------------------------------------- loading, QuickGELU, offline
 def is_quick(model):
     return type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"

@@ -87,7 +87,8 @@ def test_label_value_is_index_in_given_order(images, tiny_weights, tmp_path):
 
 def test_refinements_run(images, tiny_weights, tmp_path):
     segment.main(segment.get_args([str(images / "rgb.png"), "--classes", "sky", "egg",
-                                   "--key-smoothing", "--prompt-denoising", "--out-dir",
+                                   "--key-smoothing", "--prompt-denoising", "--refine", "pamr",
+                                   "--out-dir",
                                    str(tmp_path), "--cache-dir", ""]
                                   + tiny_weights))
     assert (tmp_path / "rgb_labels.png").is_file()
