@@ -135,7 +135,10 @@ def test_knn_segments_at_label_size_follow_an_edge_inside_a_cell():
     embed = lambda x: F.normalize(F.avg_pool2d(x, 16), dim=1)
 
     def right(at):
-        _, own, ids = knn.segments_and_labels(embed, item, 4, 20, 2, 0.0, at)
+        # a small position weight: the image is constant down its columns, so without it the
+        # 2 x 2 start has two pairs of identical centres, and which of a tied pair wins is left
+        # to the CPU's last bits (seen: 3 segments on one machine, 2 on another)
+        _, own, ids = knn.segments_and_labels(embed, item, 4, 20, 2, 0.05, at)
         return (own[ids] == label).float().mean().item()
     # the mixed cell is one segment: 8 of its 16 columns wrong
     assert right("features") == 1 - 8 / 64
