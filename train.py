@@ -254,10 +254,10 @@ def open_run_folder(args, device, world, lead):
     if (ckpt_path.exists() or prev_path.exists()) and not args.resume:
         raise UserError(f"{ckpt_path} exists: add --resume to continue it, or choose another "
                         f"--out-dir")
-    if lead and args.preset:
-        print(f"preset {args.dataset}: "
-              + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.preset.items()))
     if lead:
+        if args.preset:
+            print(f"preset {args.dataset}: "
+                  + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.preset.items()))
         print(f"train.py | device {device} x {world} | {json.dumps(vars(args))}")
     return out, ckpt_path, prev_path
 
