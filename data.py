@@ -10,7 +10,9 @@ Public API:
     palette(n), save_label_png()  -> colours and palette PNG label maps
     confusion_matrix(), segmentation_metrics()    -> mIoU / pAcc / mAcc / per-class IoU
     language_confusion()           -> the confusion of argmax class scores over a split
-    SegDataset(name, root, split)  -> voc, context, cocostuff, folder, toy readers
+    SegDataset(name, root, split)  -> voc, context, cocostuff, folder, toy readers, and the
+                                      field's voc21, context60, coco-object, cityscapes, ade20k
+    add_bad_files_arg(parser)      -> --bad-files {stop,check,skip} for SegDataset's bad_files
     TwoViews, warp(), superpixels()-> CLIP-S4 training samples and their geometry
     EvalImages, collate, knn_vote  -> evaluation samples, batching, k-NN retrieval
 """
@@ -32,6 +34,15 @@ IGNORE = 255  # label value that is never scored
 class UserError(Exception):
     """An expected failure caused by the input (missing file, bad flag, wrong checkpoint).
     Scripts print its message on one line and exit with status 1, no stack trace."""
+
+    def __init__(self, message=""):
+        # A DataLoader worker's exception reaches the main process as this class called with
+        # "Caught UserError in DataLoader worker process N.\nOriginal Traceback ...\n
+        # data.UserError: <message>" (torch's ExceptionWrapper); keep <message>, one line.
+        text = str(message)
+        if text.startswith("Caught UserError") and "UserError: " in text:
+            text = text.rstrip().rsplit("UserError: ", 1)[1]
+        super().__init__(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +206,8 @@ def segmentation_metrics(cm, names):
             "per_class": {n: (None if np.isnan(v) else 100 * float(v)) for n, v in zip(names, iou)}}
 
 
-def language_confusion(scores_of, data, num_classes, limit=0, desc=None, refine=None):
+def language_confusion(scores_of, data, num_classes, limit=0, desc=None, refine=None,
+                       decide=None):
     """The language-driven protocol over a split: each image's class scores, upsampled (bilinear) to
     its label, argmax per pixel, one confusion matrix. Used by evaluate.py and by train.py's
     validation. No random numbers are drawn, so scoring inside training leaves the run unchanged.
@@ -204,6 +216,8 @@ def language_confusion(scores_of, data, num_classes, limit=0, desc=None, refine=
         data: EvalImages; limit: score only the first N images (0: all); desc: a progress-bar title.
         refine: None, or (image (1, 3, h, w), scores (1, K, h, w)) -> scores, run on the scores
             upsampled to the input image (model.pamr).
+        decide: None (argmax over the scores), or scores (1, C, H, W) at the label's size ->
+            labels (1, H, W) long (evaluate.py's background rule; C may count synonym rows).
     Returns:
         (K, K) int64 confusion matrix, rows = ground truth."""
     cm = np.zeros((num_classes, num_classes), np.int64)
@@ -216,7 +230,8 @@ def language_confusion(scores_of, data, num_classes, limit=0, desc=None, refine=
             s = refine(x, F.interpolate(s, size=x.shape[2:], mode="bilinear", align_corners=False))
         # (1, K, H, W)
         s = F.interpolate(s, size=item["label"].shape, mode="bilinear", align_corners=False)
-        cm += confusion_matrix(s[0].argmax(0).cpu().numpy(), item["label"].numpy(), num_classes)
+        pred = s[0].argmax(0) if decide is None else decide(s)[0]  # (H, W)
+        cm += confusion_matrix(pred.cpu().numpy(), item["label"].numpy(), num_classes)
     return cm
 
 
@@ -256,6 +271,31 @@ COCOSTUFF_CLASSES = (
     "vegetable,brick wall,concrete wall,wall,panel wall,stone wall,tile wall,wood wall,water,"
     "waterdrops,window blind,window,wood"
 ).split(",")
+# Cityscapes' 19 evaluated classes in labelTrainIds order, and ADE20K's 150 in annotation order
+# (value k + 1), both as mmsegmentation's dataset classes spell them.
+CITYSCAPES_CLASSES = (
+    "road,sidewalk,building,wall,fence,pole,traffic light,traffic sign,vegetation,terrain,sky,"
+    "person,rider,car,truck,bus,train,motorcycle,bicycle"
+).split(",")
+ADE20K_CLASSES = (
+    "wall,building,sky,floor,tree,ceiling,road,bed,windowpane,grass,cabinet,sidewalk,person,earth,"
+    "door,table,mountain,plant,curtain,chair,car,water,painting,sofa,shelf,house,sea,mirror,rug,"
+    "field,armchair,seat,fence,desk,rock,wardrobe,lamp,bathtub,railing,cushion,base,box,column,"
+    "signboard,chest of drawers,counter,sand,sink,skyscraper,fireplace,refrigerator,grandstand,"
+    "path,stairs,runway,case,pool table,pillow,screen door,stairway,river,bridge,bookcase,blind,"
+    "coffee table,toilet,flower,book,hill,bench,countertop,stove,palm,kitchen island,computer,"
+    "swivel chair,boat,bar,arcade machine,hovel,bus,towel,light,truck,tower,chandelier,awning,"
+    "streetlight,booth,television receiver,airplane,dirt track,apparel,pole,land,bannister,"
+    "escalator,ottoman,bottle,buffet,poster,stage,van,ship,fountain,conveyer belt,canopy,washer,"
+    "plaything,swimming pool,stool,barrel,basket,waterfall,tent,bag,minibike,cradle,oven,ball,"
+    "food,step,tank,trade name,microwave,pot,animal,bicycle,lake,dishwasher,screen,blanket,"
+    "sculpture,hood,sconce,vase,traffic light,tray,ashcan,fan,pier,crt screen,plate,monitor,"
+    "bulletin board,shower,radiator,glass,clock,flag"
+).split(",")
+COCO_THINGS = 80  # COCO-Stuff's labelTrainIds 0-79 are COCO's things, 80-170 its stuff
+# The three sets scored with a background class (index 0): its pixels are predicted by the
+# background rule (model.background_rule), never by a prototype of their own alone.
+WITH_BACKGROUND = ("voc21", "context60", "coco-object")
 
 # name: (base folders tried under --data-root, image dir, label dir per split, split list per
 #        split, default root). "{split}" is filled in; None means "every label file in the folder".
@@ -293,16 +333,52 @@ LAYOUTS = {
     ),
 }
 LAYOUTS["toy"] = LAYOUTS["folder"][:4] + ("data/toy",)
+# The field's eight benchmarks (docs/benchmarks-protocol.md): with-background variants of VOC and
+# Context read the same files; COCO-Object reads COCO-Stuff's labels and maps them at load time.
+LAYOUTS["voc21"] = LAYOUTS["voc"]
+LAYOUTS["context60"] = LAYOUTS["context"]
+LAYOUTS["coco-object"] = LAYOUTS["cocostuff"]
+LAYOUTS["cityscapes"] = (
+    ["cityscapes", "."],
+    "leftImg8bit/{split}",
+    {"train": "gtFine/train", "val": "gtFine/val"},
+    {"train": None, "val": None},
+    "data/cityscapes",
+)
+LAYOUTS["ade20k"] = (
+    ["ADEChallengeData2016", "."],
+    {"train": "images/training", "val": "images/validation"},
+    {"train": "annotations/training", "val": "annotations/validation"},
+    {"train": None, "val": None},
+    "data/ade20k",
+)
+# Layouts without a split list: every label file matching the pattern (relative to the label
+# folder) is an item; (pattern, label suffix, image suffix), the image in the same sub-folder.
+LABEL_GLOBS = {
+    "cocostuff": ("*_labelTrainIds.png", "_labelTrainIds.png", ".jpg"),
+    "coco-object": ("*_labelTrainIds.png", "_labelTrainIds.png", ".jpg"),
+    "cityscapes": ("*/*_gtFine_labelTrainIds.png", "_gtFine_labelTrainIds.png", "_leftImg8bit.png"),
+    "ade20k": ("*.png", ".png", ".jpg"),
+}
 DATASETS = list(LAYOUTS)  # the --dataset choices of every script
 
 
+def image_folder(name, split):
+    """The image folder of a layout's split, relative to its base."""
+    image_dir = LAYOUTS[name][1]
+    return image_dir[split] if isinstance(image_dir, dict) else image_dir.format(split=split)
+
+
 def read_class_file(path):
-    """classes.txt: one class per line, line index = label id, optional ';' synonyms."""
+    """classes.txt: one class per line, line index = label id, optional synonyms separated by ';'
+    (ours) or ',' (the peers' cls_*.txt files). Returns one string per class, synonyms joined by
+    ';' (model.parse_class_names' form)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such class-name file (one class per line, line index = label "
                         f"id)")
-    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    names = [";".join(s.strip() for s in ln.replace(",", ";").split(";") if s.strip())
+             for ln in path.read_text().splitlines() if ln.strip()]
     if not names:
         raise UserError(f"{path}: no class names in it")
     return names
@@ -310,12 +386,12 @@ def read_class_file(path):
 
 def find_base(name, root):
     """The dataset's base folder under root, or a UserError naming what was expected and found."""
-    bases, image_dir = LAYOUTS[name][0], LAYOUTS[name][1]
+    bases, image_dir = LAYOUTS[name][0], image_folder(name, "val")
     root = Path(root or LAYOUTS[name][4] or ".")
     if not root.is_dir():
         raise UserError(f"--data-root {root}: no such folder (--dataset {name})")
     for b in bases:
-        if (root / b / image_dir.format(split="val")).is_dir():
+        if (root / b / image_dir).is_dir():
             return root / b
     found = sorted(p.name for p in root.iterdir())[:8]
     raise UserError(f"--dataset {name}: expected "
@@ -329,18 +405,27 @@ class SegDataset(torch.utils.data.Dataset):
 
     voc: 20 object classes with background ignored (MaskCLIP's language-driven protocol), or 21 with
     `background=True` (the k-NN protocol). context: 59 classes, background ignored. cocostuff: 171.
-    folder / toy: any VOC-layout folder with classes.txt. `on_bad_file`: "stop" raises a UserError
-    naming the file; "skip" warns, counts it in .bad and serves the next good item instead."""
+    folder / toy: any VOC-layout folder with classes.txt. The field's benchmarks: voc21 and
+    context60 (20 / 59 classes + background at index 0), coco-object (COCO's 80 things +
+    background: every stuff class and unlabelled pixel is background), cityscapes (19), ade20k
+    (150; value 0 ignored, k -> k-1). .background: the background class's index, or None.
+
+    A bad file (unreadable image or label, sizes that differ, a label value outside the classes):
+    `on_bad_file` "stop" raises a UserError naming the file when the item is read; "skip" warns,
+    counts it in .bad and serves the next good item instead. `bad_files` (the scripts'
+    --bad-files): "stop" as on_bad_file "stop"; "check" reads every item first and stops at the
+    first bad one; "skip" reads every item first, prints the bad ones once and leaves them out
+    (.bad lists them)."""
 
     def __init__(self, name, root=None, split="val", background=False, class_names=None,
-                 on_bad_file="stop"):
+                 on_bad_file="stop", bad_files="stop"):
         if name not in LAYOUTS:
             raise UserError(f"--dataset {name}: choose from {', '.join(LAYOUTS)}")
         if split not in ("train", "val"):
             raise UserError(f"--split {split}: choose train or val")
         base = find_base(name, root)
-        _, image_dir, label_dirs, lists, _ = LAYOUTS[name]
-        image_dir, label_dir = base / image_dir.format(split=split), base / label_dirs[split]
+        _, _, label_dirs, lists, _ = LAYOUTS[name]
+        image_dir, label_dir = base / image_folder(name, split), base / label_dirs[split]
         self.name, self.split, self.on_bad_file, self.bad = name, split, on_bad_file, []
         # Class names and the map from raw label values to class indices (255 = ignore).
         lut = np.arange(256, dtype=np.uint8)
@@ -352,13 +437,28 @@ class SegDataset(torch.utils.data.Dataset):
         elif name == "context":
             raw = ["background"] + CONTEXT_CLASSES
             lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)
-        elif name == "cocostuff":
+        elif name in ("cocostuff", "coco-object"):
             raw = list(COCOSTUFF_CLASSES)
+        elif name in ("voc21", "context60"):
+            raw = ["background"] + (VOC_CLASSES if name == "voc21" else CONTEXT_CLASSES)
+        elif name == "cityscapes":
+            raw = list(CITYSCAPES_CLASSES)
+        elif name == "ade20k":
+            raw = ["other"] + ADE20K_CLASSES
+            lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)  # 0 -> ignore
         else:
             raw = read_class_file(base / "classes.txt")
         lut[255] = IGNORE
-        self.num_raw, self.lut = len(raw), lut
         names = [n for v, n in enumerate(raw) if lut[v] != IGNORE]
+        if name == "coco-object":
+            # The peers' cvt_coco_object.py on COCO-Stuff's labels: thing t -> t + 1, every stuff
+            # class -> 0; its 255 -> 256 is stored in a uint8 PNG as 0 by numpy 1.x (the peers pin
+            # 1.26), so unlabelled pixels are background too.
+            lut = np.zeros(256, np.uint8)
+            lut[:COCO_THINGS] = np.arange(1, COCO_THINGS + 1)
+            names = ["background"] + raw[:COCO_THINGS]
+        self.num_raw, self.lut = len(raw), lut
+        self.background = 0 if name in WITH_BACKGROUND else None
         self.classes = read_class_file(class_names) if class_names else names
         if len(self.classes) != len(names):
             raise UserError(f"{class_names}: {len(self.classes)} names, but {name} has "
@@ -367,11 +467,12 @@ class SegDataset(torch.utils.data.Dataset):
         if lists[split] is None:
             if not label_dir.is_dir():
                 raise UserError(f"--dataset {name}: expected label folder {label_dir}")
-            ids = sorted(
-                p.name[: -len("_labelTrainIds.png")] for p in label_dir.glob("*_labelTrainIds.png")
-            )
-            self.items = [(i, image_dir / f"{i}.jpg",
-                           label_dir / f"{i}_labelTrainIds.png") for i in ids]
+            pattern, label_suffix, image_suffix = LABEL_GLOBS[name]
+            self.items = []
+            for lp in sorted(label_dir.glob(pattern)):
+                i = lp.name[: -len(label_suffix)]
+                sub = lp.parent.relative_to(label_dir)  # Cityscapes' city folders
+                self.items.append((i, image_dir / sub / f"{i}{image_suffix}", lp))
         else:
             lst = base / lists[split]
             if not lst.is_file():
@@ -380,6 +481,35 @@ class SegDataset(torch.utils.data.Dataset):
             self.items = [(i, self._image_path(image_dir, i), label_dir / f"{i}.png") for i in ids]
         if not self.items:
             raise UserError(f"--dataset {name} --split {split}: no items found under {base}")
+        if bad_files not in BAD_FILES:
+            raise UserError(f"--bad-files {bad_files}: choose from {', '.join(BAD_FILES)}")
+        if bad_files != "stop":
+            self.check_files(skip=bad_files == "skip")
+
+    def check_files(self, skip=False, workers=None):
+        """Read every item once (in `workers` processes; default: up to 4 for large splits).
+        skip=False: a UserError naming the first bad file. skip=True: the bad items are printed
+        once, listed in .bad and left out."""
+        if workers is None:
+            workers = 0 if len(self) < CHECK_PARALLEL_FROM else min(4, os.cpu_count() or 1)
+        loader = torch.utils.data.DataLoader(_CheckedItems(self), batch_size=None,
+                                             num_workers=workers)
+        problems = []
+        for i, problem in enumerate(tqdm(loader, total=len(self), leave=False,
+                                         desc=f"checking {self.name} {self.split}")):
+            if problem and not skip:
+                raise UserError(problem)
+            if problem:
+                problems.append((i, problem))
+        if not problems:
+            return
+        self.bad += [p for _, p in problems]
+        print(f"--bad-files skip: leaving out {len(problems)} of {len(self)} items of {self.name} "
+              f"{self.split}:\n" + "\n".join(f"  {p}" for _, p in problems))
+        drop = {i for i, _ in problems}
+        self.items = [it for i, it in enumerate(self.items) if i not in drop]
+        if not self.items:
+            raise UserError(f"--dataset {self.name} --split {self.split}: no readable item at all")
 
     @staticmethod
     def _image_path(folder, i):
@@ -432,6 +562,36 @@ class SegDataset(torch.utils.data.Dataset):
                     self.bad.append(str(e))
                     warnings.warn(f"skipping bad file ({len(self.bad)} so far): {e}")
         raise UserError(f"--dataset {self.name}: no readable item at all")
+
+
+BAD_FILES = ("stop", "check", "skip")
+CHECK_PARALLEL_FROM = 200  # check_files reads smaller splits in the main process
+
+
+class _CheckedItems(torch.utils.data.Dataset):
+    """check_files' pass: item i -> "" when it reads, else the one-line problem."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        try:
+            self.base.load(i)
+            return ""
+        except UserError as e:
+            return str(e)
+
+
+def add_bad_files_arg(p):
+    """--bad-files, shared by every script that reads a dataset (SegDataset's bad_files)."""
+    p.add_argument("--bad-files", choices=BAD_FILES, default="stop",
+                   help="a corrupt image or label, sizes that differ or a label value outside the "
+                   "classes: stop = stop with one line naming the file when it is read; check = "
+                   "read every file first and stop at the first bad one; skip = read every file "
+                   "first, list the bad ones once and go on without them")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,6 +670,8 @@ class TwoViews(torch.utils.data.Dataset):
         source  (3, h, w) float in [0, 1]: the un-augmented image for the CLIP teacher, short side
                 `teacher_side`, sides multiples of `stride`
         regions (V, S, S) long: superpixel ids warped onto each view (nearest), -1 = outside
+        labels  (V, S, S) long: the ground truth warped the same way, IGNORE outside; only the
+                pixel-following diagnostic reads it (training.FollowPixels), no loss does
     Deterministic under `seed`: sample i of epoch e uses its own generator, whatever the workers."""
 
     def __init__(self, base, crop_size=336, teacher_side=448, stride=16, max_side=1344,
@@ -547,13 +709,20 @@ class TwoViews(torch.utils.data.Dataset):
         views = warp(src.expand(2, -1, -1, -1), boxes, flips, size)  # (V, 3, S, S)
         views = torch.stack([colour_jitter(v, g, self.strength, p_gray=self.gray) for v in views])
         regions = warp(seg.expand(2, -1, -1, -1), boxes, flips, size, mode="nearest", pad=-1.0)
+        # ground truth on the views, read by the pixel-following diagnostic only, never by a loss
+        gt = torch.from_numpy(item["label"]).float()[None, None].expand(2, -1, -1, -1)
+        labels = warp(gt, boxes, flips, size, mode="nearest", pad=float(IGNORE))[:, 0].long()
         return {"views": views, "boxes": boxes, "flips": flips, "regions": regions[:, 0].long(),
+                "labels": labels,
                 "source": resize_for_teacher(img, self.teacher_side, self.stride, self.max_side),
                 "id": item["id"]}
 
 
-# MaskCLIP's test sides; toy: its CLIP's
-EVAL_SIDE = {"voc": 512, "context": 520, "cocostuff": 512, "toy": 64}
+# MaskCLIP's test sides; toy: its CLIP's; the with-background variants as their base sets, and
+# 512 for Cityscapes and ADE20K (our choice: MaskCLIP's 512 short side). evaluate.py --protocol
+# peers uses the peers' sides instead (PEERS_SIDE).
+EVAL_SIDE = {"voc": 512, "context": 520, "cocostuff": 512, "toy": 64, "voc21": 512,
+             "context60": 520, "coco-object": 512, "cityscapes": 512, "ade20k": 512}
 SMALL_SIDE = 224  # images with a shorter side are "small": scored at their own size
 
 

@@ -16,22 +16,31 @@ The teacher alone (MaskCLIP), and trained runs (CLIP-S4, MaskCLIP+, SegSort-only
 Toy world on a CPU (seconds; the toy CLIP is found in data/toy):
     python evaluate.py --dataset toy --method maskclip
     python evaluate.py --dataset toy --checkpoint runs/toy/ckpt.pt --with-teacher --json t.json
+The field's eight benchmarks under the peers' protocol (docs/benchmarks-protocol.md), one row
+with the published row of the same teacher beside it:
+    python evaluate.py --suite eight --data-root data --method maskclip --teacher naclip \
+        --protocol peers
+    python evaluate.py --suite eight --data-root data --checkpoint runs/voc/ckpt.pt \
+        --protocol peers --refine pamr --json out/eight.json
 """
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import (CONTEXT_FOLDS, DATASETS, EvalImages, SegDataset, UserError, language_confusion,
-                  per_class_line, segmentation_metrics, write_json)
+from data import (CONTEXT_FOLDS, DATASETS, WITH_BACKGROUND, EvalImages, SegDataset, UserError,
+                  add_bad_files_arg, find_base, language_confusion, per_class_line,
+                  segmentation_metrics, write_json)
 from clip_loading import add_clip_args, resolve_clip_args
-from model import (DISPLAY_NAMES, add_refine_args, class_scores, key_smoothing, load_embedder,
-                   pick_device, prompt_denoising, refiner)
+from model import (DISPLAY_NAMES, TEMPLATE_FILES, add_refine_args, background_rule, class_scores,
+                   key_smoothing, load_embedder, pick_device, prompt_denoising, read_templates,
+                   refiner)
 
 # The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name
 # known, by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std)
-# over the four folds. The main paper's mIoU tables are not in ../shared/paper, so no mIoU column.
+# over the four folds. The main paper's mIoU tables are not in the supplementary, so no mIoU column.
 PAPER = {
     ("cocostuff", "maskclip", "RN50"): ("22.0", "26.1"),
     ("cocostuff", "maskclip", "ViT-B-16"): ("27.7", "32.4"),
@@ -42,6 +51,33 @@ PAPER = {
     ("context-folds", "maskclip"): ("45.2", "46.4"),
     ("context-folds", "maskclip+"): ("43.1±4.3", "40.3±2.0"),
     ("context-folds", "clip-s4"): ("54.4±1.0", "52.3±0.5"),
+}
+
+# ---- the field's eight benchmarks (docs/benchmarks-protocol.md has the source of every value) ----
+# In the column order of the peers' tables (NACLIP's paper), with their short titles.
+SUITE = {"voc21": "VOC21", "context60": "PC60", "coco-object": "Object", "voc": "VOC20",
+         "context": "PC59", "cocostuff": "Stuff", "cityscapes": "City", "ade20k": "ADE"}
+# --protocol peers, NACLIP's configs/cfg_*.py and naclip.py: test short side and slide window
+# (None: the whole image) per dataset; windows step by PEERS_STRIDE; 80 OpenAI templates.
+PEERS_SIDE = {"cityscapes": 560}  # 336 elsewhere
+PEERS_WINDOW = {"voc21": None, "voc": None}  # 224 elsewhere
+PEERS_SHORT_SIDE, PEERS_CROP, PEERS_STRIDE = 336, 224, 112
+PEER_NAMES = Path(__file__).with_name("classnames")  # their cls_*.txt, as peers_<dataset>.txt
+# The background rule's threshold per with-background dataset (NACLIP's prob_thd; SCLIP has the
+# same, ClearCLIP 0.5 / 0.15 / 0.4) and its softmax scale (NACLIP's logit_scale).
+BG_THRESHOLD = {"voc21": 0.1, "context60": 0.1, "coco-object": 0.1}
+LOGIT_SCALE = 40.0
+# Published mIoU, ViT-B/16 with OpenAI's weights, in SUITE order (None: not in that table), by
+# (teacher, --refine): (where it is published, the eight numbers).
+PUBLISHED = {
+    ("maskclip", "none"): ("ClearCLIP README, assets/results.png",
+                           [None, None, None, 74.9, 26.4, 16.4, 12.6, 9.8]),
+    ("sclip", "none"): ("SCLIP README", [59.63, 31.74, 33.52, 81.54, 34.46, 22.77, 32.34, 16.45]),
+    ("clearclip", "none"): ("ClearCLIP README, assets/results.png",
+                            [None, None, None, 80.9, 35.9, 23.9, 30.0, 16.7]),
+    ("naclip", "none"): ("NACLIP paper, arXiv:2404.08181",
+                         [58.9, 32.2, 33.2, 79.7, 35.2, 23.3, 35.5, 17.4]),
+    ("naclip", "pamr"): ("NACLIP README", [64.07, 34.99, 36.19, 83.03, 38.35, 25.69, 38.27, 19.05]),
 }
 
 
@@ -73,10 +109,33 @@ def get_args(argv=None):
     p.add_argument("--prompt-denoising", action="store_true",
                    help="MaskCLIP refinement (teacher only)")
     add_refine_args(p)  # every row, the teacher's included
+    # Protocol
+    p.add_argument("--protocol", choices=["maskclip", "peers"], default="maskclip",
+                   help="maskclip: the paper's (MaskCLIP's short side, whole image unless --slide, "
+                   "85 templates, our class names); peers: SCLIP / ClearCLIP / NACLIP's shared "
+                   "setting as NACLIP runs it (short side 336, 560 on cityscapes; slide 224 / "
+                   "stride 112, whole image on voc21 and voc; 80 OpenAI templates; their "
+                   "classnames/peers_*.txt names). --size, --slide, --window, --window-stride, "
+                   "--templates and --class-names override either")
+    p.add_argument("--templates", choices=list(TEMPLATE_FILES), default=None,
+                   help="prompt templates: maskclip85 (prompts.txt, the paper's) or openai80 "
+                   "(prompts_openai80.txt, the peers'); default: the --protocol's")
+    p.add_argument("--bg-threshold", type=float, default=None,
+                   help="voc21, context60, coco-object only: a pixel whose top class probability "
+                   "is under this becomes background (default 0.1 on each, NACLIP's)")
+    p.add_argument("--logit-scale", type=float, default=LOGIT_SCALE,
+                   help="the background rule's softmax scale on cosines (NACLIP's 40; SCLIP uses "
+                   "65 on voc21, 50 on context60 and coco-object; ClearCLIP 50)")
+    p.add_argument("--suite", choices=["eight"], default=None,
+                   help="eight: score one model on each of the field's eight benchmarks found "
+                   "under --data-root (mmsegmentation's layouts), skip the missing ones, print "
+                   "one row and the published row of the same teacher")
     # Data
     p.add_argument("--dataset", default="voc", choices=DATASETS)
     p.add_argument("--class-names", default=None,
-                   help="a file of class names (one per line) replacing the dataset's")
+                   help="a file of class names, one class per line, synonyms separated by ';' "
+                   "or ',' (the peers' cls_*.txt), replacing the dataset's")
+    add_bad_files_arg(p)
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
     p.add_argument(
@@ -148,25 +207,67 @@ def slide_scores(score, x, window, step, stride):
     return total / count
 
 
+def protocol(args, dataset):
+    """The settings one dataset is scored with: the --protocol's preset, each flag overriding.
+    Returns a dict: size (test short side unless --size; None: the run's or the dataset's),
+    window and step of the slide in pixels (window None: the whole image; 0: the image's short
+    side), templates (a TEMPLATE_FILES name), class_names (a file or None), and threshold (the
+    background rule's; None on a dataset without background)."""
+    peers = args.protocol == "peers"
+    if peers and dataset not in SUITE:
+        raise UserError(f"--protocol peers has presets for {', '.join(SUITE)}, not {dataset}")
+    if args.bg_threshold is not None and dataset not in WITH_BACKGROUND and not args.suite:
+        raise UserError(f"--bg-threshold: {dataset} has no background class (the rule applies to "
+                        f"{', '.join(WITH_BACKGROUND)})")
+    window = PEERS_WINDOW.get(dataset, PEERS_CROP) if peers else None
+    if args.slide:
+        window = args.window or window or 0  # 0: the image's short side
+    elif peers and args.window:
+        window = args.window
+    threshold = None
+    if dataset in WITH_BACKGROUND:
+        threshold = BG_THRESHOLD[dataset] if args.bg_threshold is None else args.bg_threshold
+    return {"size": PEERS_SIDE.get(dataset, PEERS_SHORT_SIDE) if peers else None,
+            "window": window, "step": args.window_stride or (PEERS_STRIDE if peers else None),
+            "templates": args.templates or ("openai80" if peers else "maskclip85"),
+            "class_names": args.class_names or (PEER_NAMES / f"peers_{dataset}.txt" if peers
+                                                else None),
+            "threshold": threshold}
+
+
 @torch.no_grad()
-def confusion(args, checkpoint, device, size=None):
+def confusion(args, checkpoint, device, size=None, loaded=None, base=None):
     """One pass over the split for the teacher (checkpoint None) or one run: the confusion matrix,
     the class names, the run (or None), what to call the row, and the CLIP model's name. size: the
-    test short side (default: the run's --eval-size, else the dataset's)."""
-    embed, stride, teacher, run = load_embedder(
+    test short side (default: the protocol's, else the run's --eval-size, else the dataset's).
+    loaded: load_embedder's result, to reuse; base: the SegDataset, when already read."""
+    embed, stride, teacher, run = loaded or load_embedder(
         argparse.Namespace(**{**vars(args), "checkpoint": checkpoint}),
         device,
         with_keys=args.key_smoothing and not checkpoint,
     )
-    base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names)
-    data = EvalImages(base, size or (run["args"]["eval_size"] if run else None), stride)
+    setting = protocol(args, args.dataset)
+    if base is None:
+        base = SegDataset(args.dataset, args.data_root, args.split,
+                          class_names=setting["class_names"], bad_files=args.bad_files)
+    data = EvalImages(base, size or setting["size"] or (run["args"]["eval_size"] if run else None),
+                      stride)
     names = [c.split(";")[0] for c in base.classes]
-    protos, owner = teacher.text_prototypes(base.classes)
+    protos, owner = teacher.text_prototypes(base.classes, read_templates(setting["templates"]))
     K = len(names)
+    rule = setting["threshold"] is not None
+    if rule:
+        names[base.background] = "background"  # a peers' file names it by its stuff words
+        if args.prompt_denoising or args.key_smoothing:
+            raise UserError(f"--prompt-denoising / --key-smoothing: not with the background rule "
+                            f"of {args.dataset}")
 
-    # (1, 3, h, w) in [0, 1] -> (1, K, h', w') class scores (or smoothed probabilities)
+    # (1, 3, h, w) in [0, 1] -> (1, K, h', w') class scores (or smoothed probabilities); with the
+    # background rule (1, S, h', w'): the cosine of every synonym row, which the rule needs
     def score(x):
         feats, keys = embed(x)
+        if rule:
+            return torch.einsum("bdhw,sd->bshw", feats.float(), protos)  # (1, S, h', w')
         s = class_scores(feats.float(), protos, owner, K)
         if args.prompt_denoising and not checkpoint:
             s = prompt_denoising(s)
@@ -176,21 +277,31 @@ def confusion(args, checkpoint, device, size=None):
 
     def image_scores(x):
         x = x.to(device)
-        if not args.slide:
+        if setting["window"] is None:
             return score(x)  # (1, K, h, w)
-        window = args.window or min(x.shape[2:])
-        return slide_scores(score, x, window, args.window_stride or 2 * window // 3, stride)
+        window = setting["window"] or min(x.shape[2:])
+        return slide_scores(score, x, window, setting["step"] or 2 * window // 3, stride)
+
+    def decide(s):  # (1, S, H, W) -> (1, H, W)
+        return background_rule(s, owner, K, args.logit_scale, setting["threshold"],
+                               base.background)
 
     label = run["method"] if run else teacher.info["teacher"]
     print(
         f"evaluate.py | {label} | {args.dataset} {args.split}: {len(base)} images, {K} classes, "
-        f"short side {data.side}"
+        f"short side {data.side} | {args.protocol} protocol: "
+        + (f"slide {setting['window'] or 'short side'}" if setting["window"] is not None
+           else "whole image")
+        + f", {setting['templates']} templates"
+        + (f", background below p {setting['threshold']} at scale {args.logit_scale:g}"
+           if rule else "")
         + (f" | unknown: {', '.join(run['withheld'])}" if run and run["withheld"] else "")
         + (f" | refine pamr: {args.pamr_iters} iterations, dilations {args.pamr_dilations}"
            if args.refine == "pamr" else "")
     )
-    cm = language_confusion(image_scores, data, K, args.limit, desc="evaluating",
-                            refine=refiner(args))
+    cm = language_confusion(image_scores, data, K, args.limit,
+                            desc=args.dataset if args.suite else "evaluating",
+                            refine=refiner(args), decide=decide if rule else None)
     clip = teacher.info["name"]  # the table's CLIP column names a teacher other than MaskCLIP
     clip += f" ({teacher.info['teacher']})" if teacher.info["teacher"] != "maskclip" else ""
     return cm, names, run, label, clip
@@ -236,19 +347,106 @@ def paper_numbers(dataset, label, clip, withheld):
     return "", ""
 
 
+def published_row(teacher, refine, clip_info):
+    """(source, {dataset: mIoU or None}) of the same teacher, published with ViT-B/16 and OpenAI's
+    weights, when this CLIP is a ViT-B-16; else None."""
+    if clip_info["name"] != "ViT-B-16":
+        return None
+    if (teacher, refine) not in PUBLISHED:
+        return None
+    source, values = PUBLISHED[(teacher, refine)]
+    return source, dict(zip(SUITE, values))
+
+
+def suite_line(title, values):
+    """One markdown row: the eight numbers (blank where absent) and their mean, '(n/8)' when
+    fewer than eight."""
+    have = [v for v in values.values() if v is not None]
+    mean = f"{np.mean(have):.1f}" + (f" ({len(have)}/8)" if len(have) < 8 else "") if have else ""
+    return (f"| {title} | " + " | ".join("" if values.get(d) is None else f"{values[d]:.1f}"
+                                        for d in SUITE) + f" | {mean} |")
+
+
+def suite(args, device):
+    """--suite eight: one model (the teacher or one checkpoint) on each of the eight benchmarks
+    found under --data-root; one row, the published row of the same teacher under it."""
+    if len(args.checkpoint) > 1 or args.with_teacher or args.unknown_fold \
+            or args.unknown_classes or args.class_names:
+        raise UserError("--suite scores one model with each dataset's own names: one --checkpoint "
+                        "or --method maskclip, without --with-teacher, --unknown-*, --class-names")
+    checkpoint = args.checkpoint[0] if args.checkpoint else None
+    bases, skipped = {}, []
+    for name in SUITE:  # the missing ones are named first, before the slow passes
+        try:
+            find_base(name, args.data_root)
+            bases[name] = SegDataset(name, args.data_root, args.split,
+                                     class_names=protocol(args, name)["class_names"])
+        except UserError as e:
+            print(f"suite: skipping {name}: {e}")
+            skipped.append(name)
+    if not bases:
+        raise UserError(f"--suite eight: none of {', '.join(SUITE)} under --data-root "
+                        f"{args.data_root}")
+    for base in bases.values():
+        if args.bad_files != "stop":
+            base.check_files(skip=args.bad_files == "skip")
+    loaded = load_embedder(argparse.Namespace(**{**vars(args), "checkpoint": checkpoint}), device,
+                           with_keys=args.key_smoothing and not checkpoint)
+    teacher, run = loaded[2], loaded[3]
+    results = {}
+    for name, base in bases.items():
+        a = argparse.Namespace(**{**vars(args), "dataset": name})
+        cm, names, _, label, clip = confusion(a, checkpoint, device, args.size, loaded, base)
+        results[name] = segmentation_metrics(cm, names)
+    ours = {d: results[d]["mIoU"] if d in results else None for d in SUITE}
+    title = (f"{DISPLAY_NAMES.get(label, label)}, {clip}, {args.protocol} protocol"
+             + (", pamr" if args.refine == "pamr" else ""))
+    print("\n| row | " + " | ".join(SUITE.values()) + " | mean |\n" + "|---" * 10 + "|")
+    print(suite_line(title, ours))
+    published = published_row(teacher.info["teacher"], args.refine, teacher.info)
+    if published:
+        source, values = published
+        print(suite_line(f"{DISPLAY_NAMES[teacher.info['teacher']]}, ViT-B/16 OpenAI, "
+                         f"published ({source})", values))
+        both = [d for d in SUITE if ours[d] is not None and values[d] is not None]
+        if both and len(both) < 8:
+            print(f"over the {len(both)} datasets both rows have: ours "
+                  f"{np.mean([ours[d] for d in both]):.1f}, published "
+                  f"{np.mean([values[d] for d in both]):.1f}")
+    scored_names = list(results)
+    result = {
+        "suite": "eight", "method": label, "teacher": teacher.info["teacher"], "clip": clip,
+        "protocol": args.protocol, "refine": args.refine, "skipped": skipped,
+        **{k: float(np.mean([results[d][k] for d in scored_names]))
+           for k in ("mIoU", "pAcc", "mAcc")},
+        "per_class": {f"{d}/{c}": v for d in scored_names
+                      for c, v in results[d]["per_class"].items()},
+        "datasets": results,
+        "published": ({"source": published[0], "mIoU": published[1]} if published else None),
+    }
+    if run is not None:
+        result["checkpoint"] = checkpoint
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
 def main(args):
     device = pick_device(args.device)
     if bool(args.checkpoint) == bool(args.method):
         raise UserError("give either --checkpoint PATH [PATH ...] or --method maskclip")
+    if args.suite:
+        return suite(args, device)
+    base = SegDataset(args.dataset, args.data_root, args.split, bad_files=args.bad_files,
+                      class_names=protocol(args, args.dataset)["class_names"])
     rows, results = [], []  # rows: (method, clip, which runs, withheld, result)
     if args.method:
         splits = [CONTEXT_FOLDS[k] for k in args.unknown_fold] or [[]]
-        names = [c.split(";")[0] for c in SegDataset(args.dataset, args.data_root, args.split,
-                                                     class_names=args.class_names).classes]
+        names = [c.split(";")[0] for c in base.classes]
         # the names are checked before the slow pass
         scored(np.zeros((len(names),) * 2, np.int64), names,
                list(args.unknown_classes) + sum(splits, []))
-        cm, names, _, label, clip = confusion(args, None, device)
+        cm, names, _, label, clip = confusion(args, None, device, args.size, base=base)
         for fold, extra in zip(args.unknown_fold or [None], splits):
             withheld = list(args.unknown_classes) + list(extra)
             results.append(scored(cm, names, withheld))
@@ -256,7 +454,7 @@ def main(args):
                          results[-1]))
     runs = []
     for path in args.checkpoint:
-        cm, names, run, label, clip = confusion(args, path, device, args.size)
+        cm, names, run, label, clip = confusion(args, path, device, args.size, base=base)
         results.append(scored(cm, names, run["withheld"]))
         rows.append((label, clip, path, run["withheld"], results[-1]))
         runs.append(run)
@@ -269,7 +467,7 @@ def main(args):
                                                       "quick_gelu", "teacher")}
         cm, names, _, label, clip = confusion(argparse.Namespace(**{**vars(args), **clip_flags}),
                                               None,
-                                              device, args.teacher_size)
+                                              device, args.teacher_size, base=base)
         teacher = (
             label,
             clip,

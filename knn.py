@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DATASETS, IGNORE, EvalImages, SegDataset, UserError, atomic_save,
-                  confusion_matrix, knn_vote, language_confusion, majority_labels, per_class_line,
-                  resize_for_teacher, resize_labels, segmentation_metrics, write_json)
+from data import (DATASETS, IGNORE, EvalImages, SegDataset, UserError, add_bad_files_arg,
+                  atomic_save, confusion_matrix, knn_vote, language_confusion, majority_labels,
+                  per_class_line, resize_for_teacher, resize_labels, segmentation_metrics,
+                  write_json)
 from losses import image_segments
 from clip_loading import add_clip_args, resolve_clip_args
 from model import load_embedder, pick_device
@@ -75,6 +76,7 @@ def get_args(argv=None):
     # Data
     p.add_argument("--dataset", default="voc", choices=DATASETS)
     p.add_argument("--data-root", default=None)
+    add_bad_files_arg(p)
     p.add_argument("--size", type=int, default=None,
                    help="short side of the images (default as evaluate.py)")
     p.add_argument("--limit-train", type=int, default=0,
@@ -264,8 +266,10 @@ def main(args):
              [args.clip, args.clip_pretrained, args.clip_config]
              + ([args.teacher] if args.teacher != "maskclip" else []))  # maskclip keeps its keys
     # ---- data: 21 classes with background on VOC ----
-    train = SegDataset(args.dataset, args.data_root, "train", background=True)
-    val = SegDataset(args.dataset, args.data_root, "val", background=True)
+    train = SegDataset(args.dataset, args.data_root, "train", background=True,
+                       bad_files=args.bad_files)
+    val = SegDataset(args.dataset, args.data_root, "val", background=True,
+                     bad_files=args.bad_files)
     names = [c.split(";")[0] for c in val.classes]
     K = len(names)
     n_train = min(len(train), args.limit_train) if args.limit_train else len(train)

@@ -27,6 +27,10 @@ from clip_loading import TEACHERS, load_clip
 from data import UserError, atomic_save
 
 PROMPTS = Path(__file__).with_name("prompts.txt")
+# --templates: MaskCLIP's 85 (the paper's) or the 80 OpenAI ImageNet templates the peers use
+# (SCLIP / ClearCLIP / NACLIP prompts/imagenet_template.py)
+TEMPLATE_FILES = {"maskclip85": PROMPTS,
+                  "openai80": Path(__file__).with_name("prompts_openai80.txt")}
 # How tables and figures name a method or a teacher (a run's method, a teacher's --teacher).
 DISPLAY_NAMES = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4",
                  "segsort": "SegSort-only", "conceptcontrast": "ConceptContrast", "sclip": "SCLIP",
@@ -152,7 +156,9 @@ def vit_dense(visual, x, with_keys=False, teacher="maskclip"):
 # Text prototypes (docs/method.md section 3)
 # ----------------------------------------------------------------------------------------------
 def read_templates(path=PROMPTS):
-    """The prompt templates, one per line, each with one '{}' for the name (85 in prompts.txt)."""
+    """The prompt templates, one per line, each with one '{}' for the name (85 in prompts.txt,
+    80 in prompts_openai80.txt). path: a file, or a TEMPLATE_FILES name."""
+    path = TEMPLATE_FILES.get(path, path)
     lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
     bad = [ln for ln in lines if ln.count("{}") != 1]
     if bad:
@@ -318,6 +324,20 @@ def class_scores(feats, protos, owner, num_classes):
     out = cos.new_full((cos.shape[0], num_classes, *cos.shape[2:]), float("-inf"))
     idx = owner.view(1, -1, 1, 1).expand_as(cos)
     return out.scatter_reduce(1, idx, cos, reduce="amax")  # (B, K, h, w)
+
+
+def background_rule(rows, owner, num_classes, scale, threshold, background=0):
+    """The peers' prediction on a dataset with a background class (SCLIP / NACLIP
+    postprocess_result): p = softmax over the S synonym rows of scale x cosine; a class's
+    probability is the largest of its rows'; each pixel takes the most probable class, and
+    background where that probability is below `threshold` (a pixel exactly at it keeps its class).
+    rows (B, S, H, W) cosines, owner (S,) class of each row -> labels (B, H, W) long."""
+    p = F.softmax(scale * rows.float(), dim=1)  # (B, S, H, W)
+    idx = owner.to(p.device).view(1, -1, 1, 1).expand_as(p)
+    prob = p.new_zeros(p.shape[0], num_classes, *p.shape[2:]).scatter_reduce(
+        1, idx, p, reduce="amax")  # (B, K, H, W)
+    top, labels = prob.max(dim=1)  # (B, H, W) each
+    return labels.masked_fill(top < threshold, background)
 
 
 def prompt_denoising(scores, thresh=0.5, scale=100.0):

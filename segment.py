@@ -11,7 +11,7 @@ Real CLIP (weights fetched by open_clip once, or a local file):
 A trained CLIP-S4 run instead of the teacher:
     python segment.py photo.jpg --classes sky grass egg --checkpoint runs/voc_vit16/ckpt.pt
 Tiny CPU setting, seconds, no downloads (after `python toy.py`, see README):
-    python segment.py data/toy/images/val_0000.png --classes sky grass water road \
+    python segment.py data/toy/JPEGImages/val_0000.png --classes sky grass water road \
         --clip-config data/toy/toyclip.json --clip-pretrained data/toy/toyclip.pt --size 64
 """
 import argparse
@@ -118,6 +118,9 @@ def get_args(argv=None):
     add_refine_args(p)
     # Output
     p.add_argument("--out-dir", default="out/segment", help="where the PNGs are written")
+    p.add_argument("--bad-files", choices=["stop", "skip"], default="stop",
+                   help="an unreadable image: stop = stop with one line naming it before "
+                   "anything is written; skip = list the unreadable ones once and go on")
     p.add_argument("--cache-dir", default=str(CACHE_DIR),
                    help="text-prototype cache ('' turns it off)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -154,9 +157,20 @@ def main(args):
     names = [c[0] for c in classes]
     if len(names) > 256:
         raise UserError(f"{len(names)} classes: the label PNG holds at most 256")
-    paths = list_images(args.images)
+    paths, bad = list_images(args.images), []
     for p in paths:
-        load_image(p)  # decode once up front: a bad file stops the run before anything is written
+        try:
+            load_image(p)  # decode once up front: a bad file stops the run before any output
+        except UserError as e:
+            if args.bad_files == "stop":
+                raise
+            bad.append((p, e))
+    if bad:
+        print(f"--bad-files skip: leaving out {len(bad)} of {len(paths)} images:\n"
+              + "\n".join(f"  {e}" for _, e in bad))
+        paths = [p for p in paths if p not in {q for q, _ in bad}]
+        if not paths:
+            raise UserError("no readable image left")
     device = pick_device(args.device)
     print(f"device: {device} | {len(paths)} image(s) | classes: {', '.join(names)}")
 
