@@ -183,7 +183,7 @@ def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="aut
 
 
 def add_clip_args(p):
-    """The CLIP flags every script shares (shared/cli.md), defined once. Unset, they mean ViT-B-16
+    """The CLIP flags every script shares, defined once. Unset, they mean ViT-B-16
     with OpenAI's weights, or on --dataset toy the toy CLIP toy.py wrote (resolve_clip_args)."""
     g = p.add_argument_group("CLIP teacher (a --checkpoint brings its own)")
     g.add_argument(

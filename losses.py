@@ -148,17 +148,34 @@ def embedding_consistency(zs, cs, kappa=10.0, form="nce"):
 # ----------------------------------------------------------------------------------------------
 # L_s: semantic consistency over known text prototypes and learned unknown prototypes
 # ----------------------------------------------------------------------------------------------
-def semantic_consistency(z, seg, pix, targets, prototypes, kappa):
+def semantic_consistency(z, seg, pix, targets, prototypes, kappa, balance=0.0):
     """L_s = mean_p CE( kappa cos(z_p, P_j) over j, y_{s(p)} ): our per-pixel prediction over the
     target prototypes P = [T; U'] agrees with CLIP's label y_s of the pixel's segment. Segments with
-    target
-    -1 are left out. z (BV, D, h, w) unit, pix (P,), targets (S,) long, prototypes (K+M, D) unit."""
+    target -1 are left out; `balance` > 0 weighs the classes (class_balance). z (BV, D, h, w)
+    unit, pix (P,), targets (S,) long, prototypes (K+M, D) unit. seg None: targets (P,) are the
+    scored pixels' own labels (train.py --target-at pixel)."""
     D = z.shape[1]
     zp = z.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
-    y = targets[seg.ids.reshape(-1)[pix]]  # (P,)
+    y = targets[seg.ids.reshape(-1)[pix]] if seg is not None else targets  # (P,)
     logits = kappa * zp @ prototypes.T.to(zp.dtype)  # (P, K+M)
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y,
-                           ignore_index=-1)
+                           weight=class_balance(y, len(prototypes), balance), ignore_index=-1)
+
+
+def class_balance(y, num_classes, power):
+    """Class weights that even out the classes of one batch's targets (beyond the paper, which
+    weighs every pixel alike; train.py --balance):
+        w_c = (n / (C n_c)) ^ power,
+    n the targets (y >= 0), n_c those of class c, C the classes present. F.cross_entropy divides
+    by the summed weights of the targets, so power 1 gives every present class the same share of
+    the loss, and power 0 is plain cross-entropy (None is returned). y (P,) long, -1 = none."""
+    if not power:
+        return None
+    n_c = torch.bincount(y[y >= 0], minlength=num_classes).float()  # (num_classes,)
+    present = n_c > 0
+    w = torch.ones(num_classes, device=y.device)
+    w[present] = (n_c.sum() / (present.sum() * n_c[present])) ** power
+    return w
 
 
 class UnknownPrototypes(nn.Module):
@@ -229,10 +246,12 @@ class UnknownPrototypes(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # MaskCLIP+ baseline: cross-entropy on pseudo-labels with the text embeddings as a fixed classifier
 # ----------------------------------------------------------------------------------------------
-def pseudo_label_loss(z, labels, text, kappa):
-    """MaskCLIP+: CE( kappa cos(z_p, T_j), label_p ) per pixel; labels (BV, h, w), -1 ignored."""
+def pseudo_label_loss(z, labels, text, kappa, balance=0.0):
+    """MaskCLIP+: CE( kappa cos(z_p, T_j), label_p ) per pixel; labels (BV, h, w), -1 ignored;
+    `balance` > 0 weighs the classes (class_balance)."""
     logits = kappa * torch.einsum("bdhw,kd->bkhw", z, text.to(z.dtype))  # (BV, K, h, w)
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
+                           weight=class_balance(labels.flatten(), len(text), balance),
                            ignore_index=-1)
 
 
@@ -350,7 +369,8 @@ def weighted_total(terms, weights):
 
 
 def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, kappa=10.0,
-                      kappa_e=10.0, kappa_s=100.0, emb_form="nce", views=2, positives="region"):
+                      kappa_e=10.0, kappa_s=100.0, emb_form="nce", views=2, positives="region",
+                      balance=0.0, target_at="segment"):
     """CLIP-S4's objective (paper; docs/method.md section 7):
         L = lambda_c L_c + lambda_e L_e + lambda_s L_s
     L_c pixel-segment contrastive (pixel_segment_contrastive), L_e embedding consistency between our
@@ -363,6 +383,8 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
         regions (BV, h, w) superpixel ids, -1 = pad; pix (P,) flat indices of the scored pixels;
         clip_map (BV, D, h, w) unit, the teacher's map warped onto the views (no gradient);
         text (K, D) unit, the known names; unknown UnknownPrototypes; lambdas {"c", "e", "s"}.
+        balance: class_balance's power in L_s; target_at: L_s's label of a pixel, CLIP's label
+        of its segment ("segment", y_s) or of the pixel itself ("pixel", beyond the paper).
     Returns:
         (total scalar, terms {"c", "e", "s"} unweighted, cs (S, D) CLIP's segment embeddings,
         is_unknown (S,) bool: the segments CLIP is not confident about)."""
@@ -376,7 +398,13 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
     if lambdas["s"]:
         # (K+M, D): the known names, then the unknown prototypes shifted across the gap
         prototypes = torch.cat([text, unknown.shifted(text)]) if unknown.started else text
-        terms["s"] = semantic_consistency(z, seg, pix, targets, prototypes, kappa_s)
+        if target_at == "pixel":  # each scored pixel labelled by its own CLIP embedding
+            D = clip_map.shape[1]
+            cp = clip_map.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
+            terms["s"] = semantic_consistency(z, None, pix, unknown.targets(cp, text)[0],
+                                              prototypes, kappa_s, balance)
+        else:
+            terms["s"] = semantic_consistency(z, seg, pix, targets, prototypes, kappa_s, balance)
     return weighted_total(terms, lambdas), terms, cs, is_unknown
 
 
@@ -412,12 +440,17 @@ def concept_contrast_objective(z, seg, regions, pix, concepts, lambdas, kappa=10
     return weighted_total(terms, lambdas), terms, zs.detach(), codes
 
 
-def maskclip_plus_objective(z, clip_map, regions, text, kappa, self_training=False):
+def maskclip_plus_objective(z, clip_map, regions, text, kappa, self_training=False, balance=0.0):
     """MaskCLIP+: L = CE over pixels of kappa cos(z_p, T_j) against the argmax label of the
     teacher's map (or, once self-training starts, of f's own detached map) over the known names T.
     z, clip_map (BV, D, h, w) unit; regions (BV, h, w), -1 = pad. Returns (total, terms)."""
-    source = z.detach() if self_training else clip_map
-    labels = torch.einsum("bdhw,kd->bkhw", source, text).argmax(dim=1)  # (BV, h, w)
-    labels[regions < 0] = -1
-    terms = {"p": pseudo_label_loss(z, labels, text, kappa)}
+    labels = pseudo_labels(z.detach() if self_training else clip_map, text, regions)
+    terms = {"p": pseudo_label_loss(z, labels, text, kappa, balance)}
     return weighted_total(terms, {"p": 1.0}), terms
+
+
+def pseudo_labels(source, text, regions):
+    """MaskCLIP+'s labels: the nearest known name of each pixel of `source` (BV, D, h, w) unit,
+    -1 where regions (BV, h, w) is -1 (outside the view). Returns (BV, h, w) long."""
+    labels = torch.einsum("bdhw,kd->bkhw", source, text).argmax(dim=1)  # (BV, h, w)
+    return labels.masked_fill(regions < 0, -1)

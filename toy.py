@@ -37,13 +37,14 @@ from toyworld import make_scene, make_world, write_world
 # ----------------------------------------------------------------------------------------------
 # The tiny CLIP: open_clip's own CLIP class from a JSON config, open_clip's contrastive loss
 # ----------------------------------------------------------------------------------------------
-def toyclip_config(size, tiny=False, pool="avg"):
-    """A ViT CLIP small enough to pretrain on a CPU in minutes. It pools by averaging the patch
-    tokens (pool="avg"): with the class token (CLIP's choice, pool="tok") a CLIP this small and this
-    briefly trained reads out far worse per patch (15 vs 29 mIoU, README)."""
-    w = 64 if tiny else 96
+def toyclip_config(size, tiny=False, pool="avg", layers=4, width=96):
+    """A ViT CLIP small enough to pretrain on a CPU in minutes: `layers` vision blocks, `width`
+    channels in both towers. It pools by averaging the patch tokens (pool="avg"):
+    with the class token (CLIP's choice, pool="tok") a CLIP this small and this briefly trained
+    reads out far worse per patch (toy.py --pool tok)."""
+    w = 64 if tiny else width
     return {"embed_dim": 64, "quick_gelu": False,
-            "vision_cfg": {"image_size": size, "layers": 2 if tiny else 4, "width": w,
+            "vision_cfg": {"image_size": size, "layers": 2 if tiny else layers, "width": w,
                            "patch_size": 8,
                            "head_width": 32, "pool_type": pool},
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": w, "heads": w // 32,
@@ -219,6 +220,8 @@ def get_args(argv=None):
     arg("--pool", choices=["avg", "tok"], default="avg",
         help="how the toy CLIP pools patch tokens: avg (localises better) or tok (CLIP's class "
              "token)")
+    arg("--clip-layers", type=int, default=4, help="the toy CLIP's vision blocks")
+    arg("--clip-width", type=int, default=96, help="the toy CLIP's width (text and vision)")
     # The toy ImageNet
     arg("--backbone-steps", type=int, default=400,
         help="steps of ResNet-18 tag pretraining for f's backbone (0: none)")
@@ -272,7 +275,8 @@ def world_and_clip(args, world, root, t0):
           f"({', '.join(world.classes)}) to {root} in {t1 - t0:.0f} s")
     # ---- model: a tiny CLIP from a JSON config, pretrained contrastively ----
     cfg = root / "toyclip.json"
-    cfg.write_text(json.dumps(toyclip_config(args.size, args.tiny, args.pool), indent=1))
+    cfg.write_text(json.dumps(toyclip_config(args.size, args.tiny, args.pool, args.clip_layers,
+                                             args.clip_width), indent=1))
     clip, _ = load_clip(pretrained="none", config=cfg)
     args.clip_name = cfg.stem
     losses = pretrain_clip(clip, train_x, [captions[i] for i in train_ids], args)

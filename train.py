@@ -27,14 +27,15 @@ import torch
 import torch.distributed as dist
 
 from clip_loading import add_clip_args, load_clip, resolve_clip_args, vision_stride
-from data import CONTEXT_FOLDS, DATASETS, SMALL_SIDE, SegDataset, TwoViews, UserError
+from data import (CONTEXT_FOLDS, DATASETS, SMALL_SIDE, SegDataset, TwoViews, UserError,
+                  add_bad_files_arg)
 from losses import (Concepts, UnknownPrototypes, clip_s4_objective, concept_contrast_objective,
-                    kmeans_segments, maskclip_plus_objective, pixel_sample, regions_on_grid,
-                    segsort_objective)
+                    kmeans_segments, maskclip_plus_objective, pixel_sample, pseudo_labels,
+                    regions_on_grid, segsort_objective)
 from model import ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, class_embeddings
-from training import (Phases, RunLog, TeacherCache, Validation, batches, gather, log_extras,
-                      optimizer_for, optimizer_step, resume, save_checkpoint, setup_distributed,
-                      trim_log)
+from training import (FollowPixels, Phases, RunLog, TeacherCache, Validation, batches, gather,
+                      log_extras, optimizer_for, optimizer_step, resume, save_checkpoint,
+                      setup_distributed, trim_log)
 
 # Per-dataset defaults, printed at start and kept in args.json; a flag given on the command line
 # wins. The paper's datasets need none: the flags' own defaults are the paper's setting. Small
@@ -56,14 +57,18 @@ def small_image_recipe(side, stride):
                    SimCLR's jitter the student loses the things (docs/results.md);
       --view-scale 0.5 1: crops of at least half the image, not a quarter: a thing of a few
                    pixels stays near the size it has at test time;
+      --balance 1  every class the teacher names in a batch weighs alike in L_s (and MaskCLIP+'s
+                   cross-entropy): with plain cross-entropy on a small teacher's noisy labels, f
+                   learns the frequent classes and erases the rare ones, stuff and things alike
+                   (docs/results.md, "Rare classes");
       f            a ResNet-18 with a 128-channel head, 250 steps of 8 images, lr 0.01, warm-up 20,
                    8 unknown prototypes, validation every 50 steps."""
     f_side = max(8, 8 * round(1.5 * side / 8))
     rates = [max(1, round(r * (f_side // 8) / 42)) for r in ASPP_RATES]
     return dict(size=max(stride, stride * round(side / stride)), crop_size=f_side,
                 eval_size=f_side, aspp_rates=rates, jitter=0.0, grayscale=0.0,
-                view_scale=[0.5, 1.0], backbone="resnet18", head_dim=128, iters=250, batch_size=8,
-                lr=0.01, warmup=20, unknown_protos=8, eval_every=50)
+                view_scale=[0.5, 1.0], balance=1.0, backbone="resnet18", head_dim=128, iters=250,
+                batch_size=8, lr=0.01, warmup=20, unknown_protos=8, eval_every=50)
 
 
 def preset_for(first):
@@ -106,9 +111,14 @@ def get_args(argv=None):
     arg("--dataset", default="voc", choices=DATASETS)
     arg("--class-names", default=None, help="a file of class names replacing the dataset's")
     arg("--data-root", default=None, help="dataset folder (default data/<dataset>)")
+    add_bad_files_arg(p)
+    p.set_defaults(bad_files="check")  # a bad file stops the run before any checkpoint
     arg("--split", default="train", help="split to train on")
     arg("--crop-size", type=int, default=336, help="side of each augmented view (paper: 336)")
     arg("--superpixels", type=int, default=64, help="SLIC regions per image [choice]")
+    arg("--superpixel-cache", default=None,
+        help="folder of the sources' SLIC maps, computed once (default: the run folder's "
+             "superpixels/; runs on one dataset may share one)")
     arg("--view-scale", type=float, nargs=2, default=[0.25, 1.0],
         help="area range of each view's random crop, a share of the source [choice]")
     arg("--jitter", type=float, default=0.4,
@@ -133,6 +143,13 @@ def get_args(argv=None):
     arg("--kappa-e", type=float, default=10.0, help="concentration of L_e's InfoNCE [choice]")
     arg("--kappa-s", type=float, default=0.0,
         help="logit scale of L_s and MaskCLIP+; 0 = CLIP's own [choice]")
+    arg("--balance", type=float, default=0.0,
+        help="class balance of L_s and MaskCLIP+'s cross-entropy: each target class weighs "
+             "(n / (C n_c))^power in its batch; 0 = plain (the paper's), 1 = every class alike "
+             "[beyond the paper; losses.class_balance]")
+    arg("--target-at", choices=["segment", "pixel"], default="segment",
+        help="L_s's label of a pixel: CLIP's label of the pixel's segment (segment, docs/method.md"
+             " section 7) or of the pixel's own CLIP embedding (pixel) [choice]")
     arg("--emb-loss", default="nce", choices=["nce", "cos"], help="form of L_e [choice]")
     arg("--kmeans-grid", type=int, default=4, help="k-means starts from a G x G grid [choice]")
     arg("--kmeans-iters", type=int, default=10, help="k-means iterations per step [choice]")
@@ -141,9 +158,9 @@ def get_args(argv=None):
     arg("--unknown-protos", type=int, default=20, help="M unknown prototypes [choice]")
     arg("--unknown-tau", type=float, default=0.5,
         help="CLIP confidence below which a segment is unknown [choice]")
-    arg("--unknown-scale", type=float, default=100.0,
-        help="softmax scale of that confidence (docs/method.md: 100); 0 = CLIP's own logit "
-             "scale, the same for OpenAI's CLIPs, about 16 for the toy CLIPs [choice]")
+    arg("--unknown-scale", type=float, default=0.0,
+        help="softmax scale of that confidence; 0 = the CLIP's own logit scale, the paper's 100 "
+             "for OpenAI's CLIPs [choice; docs/method.md section 8]")
     arg("--self-train-after", type=float, default=0.1,
         help="maskclip+: share of training on the teacher's labels")
     arg("--positives", choices=["region", "own"], default="region",
@@ -179,6 +196,10 @@ def get_args(argv=None):
     # Output
     arg("--out-dir", default="runs/clip_s4", help="run folder: ckpt.pt, ckpt_prev.pt, log.jsonl")
     arg("--log-every", type=int, default=20, help="a log line every N steps")
+    arg("--follow-pixels", action=argparse.BooleanOptionalAction, default=True,
+        help="log where each class's pixels go: the share of its ground-truth pixels that the "
+             "teacher, the training target and f call it (training.FollowPixels; the labels "
+             "are read for this line only)")
     arg("--save-every", type=int, default=1000, help="a checkpoint every N steps and at the end")
     arg("--resume", action="store_true", help="continue the run in --out-dir")
     arg("--stop-after", type=int, default=0,
@@ -214,32 +235,40 @@ TAUGHT = ("clip-s4", "maskclip+")  # the methods that learn from the teacher's m
 
 
 def objective(args, step, z, seg, regions, pix, clip_map, text, unknown, concepts, kappa_s):
-    """The run's objective, one function of losses.py per method: (total, terms, stats), stats the
-    numbers the log reads (tensors or functions, read at log time only: a step does not wait on
-    the GPU). State learned outside the gradient is updated here from every process's segments:
-    CLIP-S4's unknown prototypes, ConceptContrast's memory bank."""
+    """The run's objective, one function of losses.py per method: (total, terms, stats, target),
+    stats the numbers the log reads (tensors or functions, read at log time only: a step does not
+    wait on the GPU), target (BV, h, w) the class each pixel was taught (None for untaught
+    methods; read by FollowPixels). State learned outside the gradient is updated here from every
+    process's segments: CLIP-S4's unknown prototypes, ConceptContrast's memory bank."""
     V = 2
     if args.method == "clip-s4":
         lambdas = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s}
         loss, terms, cs, is_unknown = clip_s4_objective(
             z, seg, regions, pix, clip_map, text, unknown, lambdas, args.kappa, args.kappa_e,
-            kappa_s, args.emb_loss, V, args.positives)
+            kappa_s, args.emb_loss, V, args.positives, args.balance, args.target_at)
+        if args.target_at == "pixel":  # L_s's labels, before the update: each pixel's own
+            cp = clip_map.permute(0, 2, 3, 1).flatten(0, 2)  # (BV*h*w, D)
+            target = unknown.targets(cp, text)[0].view(seg.ids.shape)  # (BV, h, w)
+        else:  # or its segment's
+            y = unknown.targets(cs, text)[0]  # (S,)
+            target = torch.where(seg.ids >= 0, y[seg.ids.clamp(min=0)], -1)  # (BV, h, w)
         unknown.update(gather(cs), gather(is_unknown))
-        return loss, terms, {"unknown_share": is_unknown.float().mean()}
+        return loss, terms, {"unknown_share": is_unknown.float().mean()}, target
     if args.method == "conceptcontrast":
         lambdas = {"c": args.lambda_c, "v": args.lambda_v, "o": args.lambda_o}
         loss, terms, zs, codes = concept_contrast_objective(
             z, seg, regions, pix, concepts, lambdas, args.kappa, args.beta, args.cooccur, V,
             args.positives)
         concepts.remember(gather(zs), gather(codes))
-        return loss, terms, {"codes_used": lambda: torch.unique(codes).numel()}
+        return loss, terms, {"codes_used": lambda: torch.unique(codes).numel()}, None
     if args.method == "segsort":
         loss, terms = segsort_objective(z, seg, regions, pix, args.lambda_c, args.kappa, V,
                                         args.positives)
-        return loss, terms, {}
+        return loss, terms, {}, None
     self_training = step >= args.self_train_after * args.iters
-    loss, terms = maskclip_plus_objective(z, clip_map, regions, text, kappa_s, self_training)
-    return loss, terms, {}
+    loss, terms = maskclip_plus_objective(z, clip_map, regions, text, kappa_s, self_training,
+                                          args.balance)
+    return loss, terms, {}, pseudo_labels(z.detach() if self_training else clip_map, text, regions)
 
 
 def open_run_folder(args, device, world, lead):
@@ -269,14 +298,15 @@ def main(args):
     out, ckpt_path, prev_path = open_run_folder(args, device, world, lead)
 
     # ---- data: the views, and the teacher's map of each source (none for untaught methods) ----
-    base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names)
+    base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names,
+                      bad_files=args.bad_files)
     known, withheld = split_names(base.classes, args)
     clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu,
                            device)
     teacher = MaskCLIP(clip, info, args.teacher).to(device)
     data = TwoViews(base, args.crop_size, args.size, teacher.stride, n_segments=args.superpixels,
-                    cache_dir=out / "superpixels", seed=args.seed, scale=args.view_scale,
-                    jitter=args.jitter, gray=args.grayscale)
+                    cache_dir=args.superpixel_cache or out / "superpixels", seed=args.seed,
+                    scale=args.view_scale, jitter=args.jitter, gray=args.grayscale)
     teacher_maps = TeacherCache(teacher, args.teacher_cache) if args.method in TAUGHT else None
 
     # ---- model: f, the known names' text prototypes, unknown prototypes, concepts ----
@@ -317,6 +347,8 @@ def main(args):
     stream, phases = batches(data, args, step, rank, world), Phases(args.profile, device)
     stop = min(args.iters, step + args.stop_after) if args.stop_after else args.iters
     log = RunLog(out / "log.jsonl", args) if lead else None
+    follow = (FollowPixels(base.classes, known)
+              if lead and args.follow_pixels and args.method in TAUGHT else None)
     try:
         while step < stop:
             phases("log+save")
@@ -336,8 +368,13 @@ def main(args):
                                   args.kmeans_iters, args.kmeans_lambda)
             pix = pixel_sample(seg, args.max_pixels)
             phases("kmeans")
-            loss, terms, stats = objective(args, step, z, seg, regions, pix, clip_map, text,
-                                           unknown, concepts, kappa_s)
+            loss, terms, stats, target = objective(args, step, z, seg, regions, pix, clip_map,
+                                                   text, unknown, concepts, kappa_s)
+            if follow is not None:  # where each class's pixels went (ground truth read here only)
+                gt = regions_on_grid(batch["labels"].flatten(0, 1), (h, w), args.grid)
+                teacher_label = torch.einsum("bdhw,kd->bkhw", clip_map, text).argmax(1)
+                f_label = torch.einsum("bdhw,kd->bkhw", z.detach(), text).argmax(1)
+                follow.add(gt, teacher_label, target, f_label)  # (BV, h, w) each
             phases("losses")
             if not torch.isfinite(loss):
                 sys.exit(f"step {step}: non-finite loss {({k: v.item() for k, v in terms.items()})}"
@@ -346,8 +383,8 @@ def main(args):
             phases("backward")
             step += 1
             if lead and (step % args.log_every == 0 or step == args.iters):
-                log.train(step, stop, loss, terms, seg, log_extras(opt, phases, args.log_every,
-                                                                   stats, device, teacher_maps))
+                log.train(step, stop, loss, terms, seg, log_extras(
+                    opt, phases, args.log_every, stats, device, teacher_maps, follow))
             due = args.eval_every and (step % args.eval_every == 0 or step == stop)
             if due and val is not None:
                 t0 = time.perf_counter()

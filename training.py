@@ -199,7 +199,8 @@ class Validation:
     beside the teacher's on the same images (scored once). The first process runs it alone."""
 
     def __init__(self, args, teacher, stride, device):
-        base = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names)
+        base = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names,
+                          bad_files=args.bad_files)
         side = test_side(base)
         self.n, self.device, self.K = args.eval_images, device, len(base.classes)
         self.names = [c.split(";")[0] for c in base.classes]
@@ -207,6 +208,10 @@ class Validation:
         self.images = EvalImages(base, args.eval_size or side, stride)  # f's inputs
         self.teacher = self.score(lambda x: teacher.dense(x)[0],
                                   EvalImages(base, side, teacher.stride))
+        share = self.teacher["gt_share"]
+        # the small classes (FollowPixels): under half of an even share of the val pixels
+        self.small = [j for j, v in enumerate(share) if 0 < v < 50 / self.K]
+        self.teacher["small"] = self.small_mean(self.teacher)
         self.best = {"step": None, "mIoU": float("-inf")}
         print(f"val: teacher on the first {self.n} val images | mIoU {self.teacher['mIoU']:.1f} | "
               f"pAcc {self.teacher['pAcc']:.1f}")
@@ -215,17 +220,67 @@ class Validation:
     def score(self, embed, images):
         scores = lambda x: class_scores(embed(x.to(self.device)).float(),
                                         self.protos, self.owner, self.K)
-        m = segmentation_metrics(language_confusion(scores, images, self.K, self.n), self.names)
-        return {"mIoU": m["mIoU"], "pAcc": m["pAcc"]}
+        cm = language_confusion(scores, images, self.K, self.n)
+        m = segmentation_metrics(cm, self.names)
+        return {"mIoU": m["mIoU"], "pAcc": m["pAcc"], "per_class": list(m["per_class"].values()),
+                "gt_share": (100 * cm.sum(1) / max(1, cm.sum())).tolist()}
+
+    def small_mean(self, r):
+        """Mean IoU of the small classes (None where there are none)."""
+        v = [r["per_class"][j] for j in self.small if r["per_class"][j] is not None]
+        return sum(v) / len(v) if v else None
 
     def __call__(self, f, step, amp):
         f.eval()
         with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
             r = self.score(f, self.images)
         f.train()
+        r["small"] = self.small_mean(r)
         if r["mIoU"] > self.best["mIoU"]:
             self.best = {"step": step, "mIoU": r["mIoU"]}
         return r
+
+
+class FollowPixels:
+    """Where each class's pixels go in training (--follow-pixels): of the view pixels whose ground
+    truth is class c (read here only, never by a loss), the share the teacher's own pixel label
+    calls c, the share the method's training target calls c (L_s's segment label y_s(p), or
+    MaskCLIP+'s pseudo-label) and the share f predicts as c, summed between two log lines. A class
+    lost by the targets is lost before f learns; one kept by the targets and lost by f is lost in
+    the learning. "Small" classes hold under half of an even share of the ground truth, as small
+    things do; the log line shows their means, log.jsonl every class's numbers.
+    classes: the dataset's names; known: the names f is trained on (withheld ones score 0)."""
+
+    def __init__(self, classes, known):
+        self.names = [c.split(";")[0] for c in classes]
+        self.col = torch.tensor([known.index(c) if c in known else -1 for c in classes])
+        self.counts = torch.zeros(4, len(classes), dtype=torch.long)  # gt, teacher, target, f
+
+    @torch.no_grad()
+    def add(self, gt, teacher, target, pred):
+        """gt (BV, h, w) long ground truth (IGNORE = none); teacher, target, pred (BV, h, w) long
+        known-class indices (target >= K: an unknown prototype, -1: no target)."""
+        gt = gt.cpu().flatten()
+        keep = gt < len(self.names)
+        gt, col = gt[keep], self.col[gt[keep]]
+        rows = [torch.ones_like(gt, dtype=torch.bool)] + [
+            (m.cpu().flatten()[keep] == col) & (col >= 0) for m in (teacher, target, pred)]
+        for r, hit in enumerate(rows):
+            self.counts[r] += torch.bincount(gt[hit], minlength=len(self.names))
+
+    def take(self):
+        """{"gt_share", "teacher", "target", "f"}: per class, in percent (None: no pixels), and
+        the small classes' means; the counts start again."""
+        c, self.counts = self.counts.double(), torch.zeros_like(self.counts)
+        n = c[0].clamp(min=1)
+        share = c[0] / c[0].sum().clamp(min=1)
+        small = (share > 0) & (share < 0.5 / len(self.names))
+        out = {"gt_share": (100 * share).tolist()}
+        for r, k in enumerate(("teacher", "target", "f"), start=1):
+            pct = 100 * c[r] / n
+            out[k] = [v if c[0, j] else None for j, v in enumerate(pct.tolist())]
+            out[f"small_{k}"] = float(pct[small].mean()) if small.any() else None
+        return out
 
 
 def hms(seconds):
@@ -262,6 +317,9 @@ class RunLog:
               + f") | lr {rec['lr']:.2e} | {seg.count} segments"
               + (f" | unknown {100 * rec['unknown_share']:.0f}%" if "unknown_share" in rec else "")
               + (f" | {rec['codes_used']} codes" if "codes_used" in rec else "")
+              + (f" | small classes: teacher {rec['follow']['small_teacher']:.0f}% target "
+                 f"{rec['follow']['small_target']:.0f}% f {rec['follow']['small_f']:.0f}%"
+                 if rec.get("follow", {}).get("small_f") is not None else "")
               + (f" | GPU peak {rec['cuda_peak_gib']:.1f} GiB" if "cuda_peak_gib" in rec else "")
               + f" | {rec['ms']:.0f} ms | ETA {hms(eta)}", flush=True)
         if self.args.profile:
@@ -273,11 +331,15 @@ class RunLog:
         self.eval_s = seconds
         self.t_last += seconds  # step times leave validation out
         t = val.teacher
+        small = (f" | small classes {r['small']:.1f} (teacher {t['small']:.1f})"
+                 if r["small"] is not None and t["small"] is not None else "")
         print(f"step {step}/{self.args.iters} | val mIoU {r['mIoU']:.1f} (teacher {t['mIoU']:.1f})"
-              f" | pAcc {r['pAcc']:.1f} (teacher {t['pAcc']:.1f}) | best {val.best['mIoU']:.1f} "
-              f"at step {val.best['step']} | {seconds:.1f} s", flush=True)
+              f" | pAcc {r['pAcc']:.1f} (teacher {t['pAcc']:.1f}){small} | best "
+              f"{val.best['mIoU']:.1f} at step {val.best['step']} | {seconds:.1f} s", flush=True)
         self.write({"step": step, "val_mIoU": r["mIoU"], "val_pAcc": r["pAcc"], "val_images": val.n,
-                    "teacher_mIoU": t["mIoU"], "teacher_pAcc": t["pAcc"]})
+                    "teacher_mIoU": t["mIoU"], "teacher_pAcc": t["pAcc"],
+                    "val_small": r["small"], "teacher_small": t["small"],
+                    "val_per_class": r["per_class"], "teacher_per_class": t["per_class"]})
 
     def done(self, step, val, ckpt_path):
         best = (f" | best val mIoU {val.best['mIoU']:.1f} at step {val.best['step']} (teacher "
@@ -304,13 +366,15 @@ class Phases:
         return out
 
 
-def log_extras(opt, phases, log_every, stats, device, cache=None):
+def log_extras(opt, phases, log_every, stats, device, cache=None, follow=None):
     """The numbers of a log line besides the losses: lr, the phase times, the method's stats (read
     now, once per --log-every steps), the share of teacher maps read from the cache so far, and on
     CUDA the most GPU memory held at once."""
     extra = {"lr": opt.param_groups[0]["lr"], "phases_ms": phases.take(log_every)}
     for k, v in stats.items():
         extra[k] = v() if callable(v) else v.item()
+    if follow is not None:
+        extra["follow"] = follow.take()
     if cache is not None:
         extra["teacher_cached"] = cache.hits / max(1, cache.hits + cache.misses)
     if device.type == "cuda":

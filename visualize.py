@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 import figures
 
-from data import (DATASETS, IGNORE, test_side, SegDataset, UserError, majority_labels, palette,
-                  resize_for_teacher)
+from data import (DATASETS, IGNORE, test_side, SegDataset, UserError, add_bad_files_arg,
+                  majority_labels, palette, resize_for_teacher)
 from losses import UnknownPrototypes, image_segments, segment_means
 from clip_loading import add_clip_args, load_clip, resolve_clip_args
 from model import DISPLAY_NAMES, MaskCLIP, class_embeddings, class_scores, load_run, pick_device
@@ -47,6 +47,7 @@ def get_args(argv=None):
     add_clip_args(p)
     # Data
     p.add_argument("--dataset", default="voc", choices=DATASETS)
+    add_bad_files_arg(p)
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
     p.add_argument("--size", type=int, default=None,
@@ -275,7 +276,7 @@ def main(args):
     matplotlib.use("Agg")
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    base = SegDataset(args.dataset, args.data_root, args.split)
+    base = SegDataset(args.dataset, args.data_root, args.split, bad_files=args.bad_files)
     names = [c.split(";")[0] for c in base.classes]
     methods = load_methods(args, device, base.classes, test_side(base))
     # The run whose training split marks names known / unknown: a CLIP-S4 with unknown prototypes,

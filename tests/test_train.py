@@ -88,6 +88,7 @@ def test_small_image_recipe_by_hand():
     r = train.small_image_recipe(100, 16)  # 1.5 x 100 = 150 -> 152; grid 19: 6*19/42 = 2.7 -> 3
     assert (r["size"], r["crop_size"], r["aspp_rates"]) == (96, 152, [3, 5, 8, 11])
     assert (r["jitter"], r["grayscale"], r["view_scale"]) == (0.0, 0.0, [0.5, 1.0])
+    assert r["balance"] == 1.0  # rare classes weigh as much as frequent ones
     assert train.small_image_recipe(10, 16)["size"] == 16  # never below one patch
 
 
