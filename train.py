@@ -234,22 +234,25 @@ def split_names(classes, args):
 TAUGHT = ("clip-s4", "maskclip+")  # the methods that learn from the teacher's maps
 
 
-def objective(args, step, z, seg, regions, pix, clip_map, text, unknown, concepts, kappa_s):
+def objective(args, step, z, seg, regions, pix, clip_map, text, unknown, concepts, kappa_s,
+              want_target=False):
     """The run's objective, one function of losses.py per method: (total, terms, stats, target),
     stats the numbers the log reads (tensors or functions, read at log time only: a step does not
-    wait on the GPU), target (BV, h, w) the class each pixel was taught (None for untaught
-    methods; read by FollowPixels). State learned outside the gradient is updated here from every
-    process's segments: CLIP-S4's unknown prototypes, ConceptContrast's memory bank."""
+    wait on the GPU), target (BV, h, w) the class each pixel was taught, built only when
+    `want_target` (for FollowPixels; None otherwise and for untaught methods). State learned
+    outside the gradient is updated here from every process's segments: CLIP-S4's unknown
+    prototypes, ConceptContrast's memory bank."""
     V = 2
     if args.method == "clip-s4":
         lambdas = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s}
         loss, terms, cs, is_unknown = clip_s4_objective(
             z, seg, regions, pix, clip_map, text, unknown, lambdas, args.kappa, args.kappa_e,
             kappa_s, args.emb_loss, V, args.positives, args.balance, args.target_at)
-        if args.target_at == "pixel":  # L_s's labels, before the update: each pixel's own
+        target = None
+        if want_target and args.target_at == "pixel":  # L_s's labels, before the update
             cp = clip_map.permute(0, 2, 3, 1).flatten(0, 2)  # (BV*h*w, D)
             target = unknown.targets(cp, text)[0].view(seg.ids.shape)  # (BV, h, w)
-        else:  # or its segment's
+        elif want_target:  # each pixel takes its segment's label
             y = unknown.targets(cs, text)[0]  # (S,)
             target = torch.where(seg.ids >= 0, y[seg.ids.clamp(min=0)], -1)  # (BV, h, w)
         unknown.update(gather(cs), gather(is_unknown))
@@ -268,7 +271,9 @@ def objective(args, step, z, seg, regions, pix, clip_map, text, unknown, concept
     self_training = step >= args.self_train_after * args.iters
     loss, terms = maskclip_plus_objective(z, clip_map, regions, text, kappa_s, self_training,
                                           args.balance)
-    return loss, terms, {}, pseudo_labels(z.detach() if self_training else clip_map, text, regions)
+    target = (pseudo_labels(z.detach() if self_training else clip_map, text, regions)
+              if want_target else None)
+    return loss, terms, {}, target
 
 
 def open_run_folder(args, device, world, lead):
@@ -369,9 +374,10 @@ def main(args):
             pix = pixel_sample(seg, args.max_pixels)
             phases("kmeans")
             loss, terms, stats, target = objective(args, step, z, seg, regions, pix, clip_map,
-                                                   text, unknown, concepts, kappa_s)
+                                                   text, unknown, concepts, kappa_s,
+                                                   want_target=follow is not None)
             if follow is not None:  # where each class's pixels went (ground truth read here only)
-                gt = regions_on_grid(batch["labels"].flatten(0, 1), (h, w), args.grid)
+                gt = regions_on_grid(batch["labels"].flatten(0, 1), (h, w), args.grid).to(device)
                 teacher_label = torch.einsum("bdhw,kd->bkhw", clip_map, text).argmax(1)
                 f_label = torch.einsum("bdhw,kd->bkhw", z.detach(), text).argmax(1)
                 follow.add(gt, teacher_label, target, f_label)  # (BV, h, w) each

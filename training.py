@@ -259,19 +259,21 @@ class FollowPixels:
     @torch.no_grad()
     def add(self, gt, teacher, target, pred):
         """gt (BV, h, w) long ground truth (IGNORE = none); teacher, target, pred (BV, h, w) long
-        known-class indices (target >= K: an unknown prototype, -1: no target)."""
-        gt = gt.cpu().flatten()
+        known-class indices (target >= K: an unknown prototype, -1: no target). The counts stay
+        on the maps' device: a step does not wait on the GPU."""
+        self.col, self.counts = self.col.to(gt.device), self.counts.to(gt.device)
+        gt = gt.flatten()
         keep = gt < len(self.names)
         gt, col = gt[keep], self.col[gt[keep]]
         rows = [torch.ones_like(gt, dtype=torch.bool)] + [
-            (m.cpu().flatten()[keep] == col) & (col >= 0) for m in (teacher, target, pred)]
+            (m.flatten()[keep] == col) & (col >= 0) for m in (teacher, target, pred)]
         for r, hit in enumerate(rows):
             self.counts[r] += torch.bincount(gt[hit], minlength=len(self.names))
 
     def take(self):
         """{"gt_share", "teacher", "target", "f"}: per class, in percent (None: no pixels), and
         the small classes' means; the counts start again."""
-        c, self.counts = self.counts.double(), torch.zeros_like(self.counts)
+        c, self.counts = self.counts.cpu().double(), torch.zeros_like(self.counts)
         n = c[0].clamp(min=1)
         share = c[0] / c[0].sum().clamp(min=1)
         small = (share > 0) & (share < 0.5 / len(self.names))
