@@ -1,4 +1,5 @@
-"""bench.py: speed and memory of the stages, for the README. Numbers are measured, never asserted.
+"""bench.py: speed and memory of the stages (docs/benchmarks.md). Numbers are measured, never
+asserted.
 
     python bench.py dense       # MaskCLIP dense features vs encode_image (RN50, ViT-B-16, 448 px)
     python bench.py text        # text prototypes of 171 COCO-Stuff names (--plain: 21, both paths)
@@ -26,11 +27,10 @@ import open_clip
 import torch
 from PIL import Image
 
-from data import (COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, knn_vote,
-                  superpixels)
+from data import COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, superpixels
+from metrics import knn_vote
 from clip_loading import TEACHERS
-from model import (MaskCLIP, PixelEmbedder, class_scores, encode_text_fast,
-                   read_templates)
+from model import ClipTeacher, PixelEmbedder, class_scores, encode_text_fast, read_templates
 
 
 def timed(fn, repeats, device):
@@ -59,7 +59,7 @@ def bench_dense(args, device):
         x = torch.rand(args.batch, 3, args.size, args.size, device=device)
         teachers = ["maskclip"] if name == "RN50" else TEACHERS  # the others change a ViT block
         for which in teachers:
-            teacher = MaskCLIP(clip, info, which)
+            teacher = ClipTeacher(clip, info, which)
             xn = (x - teacher.mean) / teacher.std
             with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
                 t_enc = timed(lambda: clip.encode_image(xn), args.repeats, device)
@@ -75,17 +75,15 @@ def bench_text(args, device):
     templates = read_templates()
     print("| classes | prompts | path | seconds | max abs diff to plain |")
     print("|---|---|---|---|---|")
-    sets = [
-        ("VOC", VOC_CLASSES + ["background"], args.plain),
-        ("COCO-Stuff", COCOSTUFF_CLASSES, False),
-    ]
+    # the plain path (--plain) for the 21 VOC names only: it is slow on 171 COCO-Stuff names
+    sets = [("VOC", VOC_CLASSES + ["background"], args.plain),
+            ("COCO-Stuff", COCOSTUFF_CLASSES, False)]
     for label, names, plain in sets:
         tokens = tok([t.format(c) for c in names for t in templates]).to(device)
         t = time.perf_counter()
         fast = encode_text_fast(clip, tokens)
         t_fast = time.perf_counter() - t
         diff = "-"
-        # the plain path for the 21 VOC names only: 171 COCO-Stuff names take about 11 minutes
         if plain:
             t = time.perf_counter()
             plain = torch.cat([clip.encode_text(c) for c in tokens.split(128)])
@@ -103,9 +101,8 @@ def bench_segment(args, device):
     with tempfile.TemporaryDirectory() as d:
         for w, h in ((512, 384), (6000, 4000)):
             f = Path(d) / f"img_{w}x{h}.jpg"
-            Image.fromarray(
-                np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
-            ).save(f)
+            pixels = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(f)
             cmd = [sys.executable, "segment.py", str(f), "--classes", "sky", "grass", "egg",
                    "--clip-pretrained", "none", "--cache-dir", "", "--out-dir",
                    str(Path(d) / "out"), "--device", args.device]
@@ -113,8 +110,7 @@ def bench_segment(args, device):
             build, text = re.search(r"model build ([\d.]+) s \| text prototypes ([\d.]+) s",
                                     out).groups()
             fwd = re.search(rf"{f.name} \(\d+x\d+\) (\d+) ms", out).group(1)
-            # KiB -> GiB, max so far
-            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # KiB -> GiB
             print(f"| {w}x{h} | {build} | {text} | {fwd} | {rss:.2f} |")
 
 
@@ -125,14 +121,13 @@ def synthetic_folder(root, n):
         (root / sub).mkdir(parents=True)
     ids = [f"im{i}" for i in range(n)]
     for i in ids:
-        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
-            (500, 375), Image.BICUBIC
-        )
-        img = np.clip(np.asarray(small, np.int16) + rng.integers(-12, 12, (375, 500, 3)), 0,
-                      255).astype(np.uint8)
+        field = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        small = Image.fromarray(field).resize((500, 375), Image.BICUBIC)
+        grain = rng.integers(-12, 12, (375, 500, 3))
+        img = np.clip(np.asarray(small, np.int16) + grain, 0, 255).astype(np.uint8)
         Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg")
-        Image.fromarray(np.zeros((375, 500),
-                                 np.uint8)).save(root / "SegmentationClass" / f"{i}.png")
+        label = np.zeros((375, 500), np.uint8)
+        Image.fromarray(label).save(root / "SegmentationClass" / f"{i}.png")
     (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids))
     (root / "classes.txt").write_text("sky\ngrass\nperson\n")
 
@@ -164,19 +159,18 @@ def bench_data(args, device):
 
 
 def bench_knn(args, device):
-    """k-NN retrieval at VOC scale (380k training segments, D = 1024): data.knn_vote (chunked matmul
-    + top-k) on --queries against scikit-learn's brute-force NearestNeighbors (cosine) on the first
-    --sk-queries of them (default: the same), both per 1,000 queries and for the protocol's 52k."""
+    """k-NN retrieval at VOC scale (380k training segments, D = 1024): metrics.knn_vote (chunked
+    matmul + top-k) on --queries against scikit-learn's brute-force NearestNeighbors (cosine) on the
+    first --sk-queries of them (default: the same), both per 1,000 queries and for the protocol's
+    52k."""
     from sklearn.neighbors import NearestNeighbors
     g = torch.Generator().manual_seed(0)
     memory = torch.nn.functional.normalize(torch.randn(args.memory, args.dim, generator=g), dim=1)
     labels = torch.randint(0, 21, (args.memory,), generator=g)
     queries = torch.nn.functional.normalize(torch.randn(args.queries, args.dim, generator=g), dim=1)
-    # the memory stays where it is, as in knn.py
-    memory_d, labels_d = memory.to(device), labels.to(device)
+    memory_d, labels_d = memory.to(device), labels.to(device)  # it stays there, as in knn.py
     t = time.perf_counter()
-    # .cpu() waits for the GPU
-    knn_vote(queries.to(device), memory_d, labels_d, 20, 21, chunk=1024).cpu()
+    knn_vote(queries.to(device), memory_d, labels_d, 20, 21, chunk=1024).cpu()  # waits for the GPU
     ours = time.perf_counter() - t
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     nq = min(args.sk_queries or args.queries, args.queries)
@@ -185,14 +179,12 @@ def bench_knn(args, device):
     nn_.kneighbors(queries[:nq].numpy())
     theirs = time.perf_counter() - t
     rate_o, rate_t = ours / args.queries * 1000, theirs / nq * 1000
-    print(
-        f"| memory {args.memory} x {args.dim} | ours: {args.queries} queries in {ours:.1f} s "
-        f"({rate_o:.2f} s/1k) | "
-        f"scikit-learn: {nq} queries in {theirs:.1f} s ({rate_t:.2f} s/1k) | "
-        f"x{rate_t / rate_o:.1f} | 52k: ours {rate_o * 52 / 60:.1f} min, scikit-learn "
-        f"{rate_t * 52 / 60:.1f} min | peak RSS ours {rss_ours:.1f} GiB, both "
-        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB |"
-    )
+    rss_both = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(f"| memory {args.memory} x {args.dim} | ours: {args.queries} queries in {ours:.1f} s "
+          f"({rate_o:.2f} s/1k) | scikit-learn: {nq} queries in {theirs:.1f} s ({rate_t:.2f} "
+          f"s/1k) | x{rate_t / rate_o:.1f} | 52k: ours {rate_o * 52 / 60:.1f} min, scikit-learn "
+          f"{rate_t * 52 / 60:.1f} min | peak RSS ours {rss_ours:.1f} GiB, both {rss_both:.1f} "
+          f"GiB |")
 
 
 @torch.no_grad()
@@ -221,8 +213,8 @@ def bench_eval(args, device):
         print(f"| {label} | {mode} | {ms:.0f} | {1000 / ms:.2f} |")
     for name in ("ViT-B-16", "RN50"):
         clip = open_clip.create_model(name, pretrained_text=False).eval().to(device)
-        teacher = MaskCLIP(clip, {"name": name, "pretrained": "none", "weights": None,
-                                  "quick_gelu": False})
+        teacher = ClipTeacher(clip, {"name": name, "pretrained": "none", "weights": None,
+                                     "quick_gelu": False})
         run(f"MaskCLIP {name}", "whole", lambda x: teacher.dense(x)[0], teacher.stride)
         run(f"MaskCLIP {name}", "slide", lambda x: teacher.dense(x)[0], teacher.stride)
     f = PixelEmbedder(512, "resnet101", "none", 512).eval().to(device)
@@ -294,7 +286,7 @@ def main():
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "data": bench_data,
      "train": bench_train, "knn": bench_knn, "eval": bench_eval}[args.what](args, device)
-    # train and segment run in a child
+    # this process's peak only: train and segment run in a child
     if device.type == "cuda" and torch.cuda.max_memory_allocated():
         print(f"GPU peak memory (this process): {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} "
               f"GiB")

@@ -8,6 +8,7 @@ QuickGELU follows the weights. Offline, a tag that is not cached fails at once w
 Public API:
     load_clip(name, pretrained, config)     -> a frozen open_clip model and what was loaded
     add_clip_args(p), resolve_clip_args(a)  -> the shared flags and their defaults
+    vision_stride(clip, clip_config)        -> the teacher's patch stride, read from the config
 """
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from data import UserError
+from files import UserError
 
 TEACHERS = ("maskclip", "sclip", "clearclip", "naclip")  # --teacher; RN50 has only maskclip
 
@@ -99,27 +100,26 @@ def resolve_pretrained_tag(name, tag, cache_dir=None):
     from huggingface_hub import constants, try_to_load_from_cache
     looked = []
     if cfg.get("hf_hub"):
-        repo, fname = os.path.split(cfg["hf_hub"].rstrip("/")) if not cfg["hf_hub"].endswith("/") \
-            else (cfg["hf_hub"].rstrip("/"), "")
+        hub = cfg["hf_hub"]  # "org/repo/file", or "org/repo/" for open_clip's default file names
+        repo, fname = (hub.rstrip("/"), "") if hub.endswith("/") else os.path.split(hub)
         for f in ([fname] if fname else ["open_clip_model.safetensors",
                                          "open_clip_pytorch_model.bin"]):
             hit = try_to_load_from_cache(repo, f, cache_dir=cache_dir)
             if isinstance(hit, str):
                 return hit, cfg
-        looked.append(
-            str(Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--")))
-        )
+        hub_cache = Path(cache_dir or constants.HF_HUB_CACHE)
+        looked.append(str(hub_cache / ("models--" + repo.replace("/", "--"))))
     if cfg.get("url"):
         f = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
         if f.is_file():
             return str(f), cfg
         looked.append(str(f))
     if not hub_reachable():
-        raise UserError(
-            f"CLIP weights {name} '{tag}' are not on this machine and the network is unreachable; "
-            f"looked in {' and '.join(looked)}. Copy the weights file here and pass "
-            f"--clip-pretrained /path/to/file (open_clip state dict, fp32/fp16, or OpenAI's .pt), "
-            f"or run once with internet access to fill the cache")
+        raise UserError(f"CLIP weights {name} '{tag}' are not on this machine and the network is "
+                        f"unreachable; looked in {' and '.join(looked)}. Copy the weights file "
+                        f"here and pass --clip-pretrained /path/to/file (open_clip state dict, "
+                        f"fp32/fp16, or OpenAI's .pt), or run once with internet access to fill "
+                        f"the cache")
     return open_clip.pretrained.download_pretrained(cfg, cache_dir=cache_dir), cfg
 
 
@@ -145,11 +145,9 @@ def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="aut
     if config:
         name = register_clip_config(config)
     if open_clip.get_model_config(name) is None:
-        raise UserError(
-            f"unknown CLIP model '{name}' (open_clip knows e.g. ViT-B-16, RN50, ViT-L-14; "
-            f"`python -c 'import open_clip; print(open_clip.list_models())'` lists all; "
-            f"a custom architecture needs --clip-config FILE.json)"
-        )
+        raise UserError(f"unknown CLIP model '{name}' (open_clip knows e.g. ViT-B-16, RN50, "
+                        f"ViT-L-14; `python -c 'import open_clip; print(open_clip.list_models())'` "
+                        f"lists all; a custom architecture needs --clip-config FILE.json)")
     weights, qg = None, open_clip.get_model_config(name).get("quick_gelu", False)
     if pretrained and pretrained.lower() not in ("none", "random"):
         if os.path.isfile(pretrained):
@@ -168,8 +166,7 @@ def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="aut
         logging.disable(logging.NOTSET)
     if weights is not None:
         sd = read_state_dict(weights)
-        # e.g. attn_mask
-        transient = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+        transient = {n for n, _ in model.named_buffers()} - set(model.state_dict())  # attn_mask
         sd = {k: v for k, v in sd.items() if k not in transient}
         try:
             model.load_state_dict(sd, strict=True)
@@ -183,27 +180,22 @@ def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="aut
 
 
 def add_clip_args(p):
-    """The CLIP flags every script shares, defined once. Unset, they mean ViT-B-16
-    with OpenAI's weights, or on --dataset toy the toy CLIP toy.py wrote (resolve_clip_args)."""
+    """The CLIP flags every script shares, defined once. Unset, they mean ViT-B-16 with OpenAI's
+    weights, or on --dataset toy the toy CLIP toy.py wrote (resolve_clip_args)."""
     g = p.add_argument_group("CLIP teacher (a --checkpoint brings its own)")
-    g.add_argument(
-        "--clip",
-        default=None,
-        help="open_clip model name: ViT-B-16 (default) or RN50 as in the paper, or any other",
-    )
-    g.add_argument(
-        "--clip-pretrained",
-        default=None,
-        help="open_clip tag (default openai) or a local weights file (state dict in fp32 "
-        "or fp16, safetensors, OpenAI's TorchScript .pt); none = random init",
-    )
+    g.add_argument("--clip", default=None,
+                   help="open_clip model name: ViT-B-16 (default) or RN50 as in the paper, or any "
+                   "other")
+    g.add_argument("--clip-pretrained", default=None,
+                   help="open_clip tag (default openai) or a local weights file (state dict in "
+                   "fp32 or fp16, safetensors, OpenAI's TorchScript .pt); none = random init")
     g.add_argument("--clip-config", default=None,
                    help="open_clip JSON config registered under its file's stem (a custom CLIP)")
     g.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto",
                    help="activation of the CLIP: auto follows the weights (QuickGELU for OpenAI's)")
     g.add_argument("--teacher", choices=TEACHERS, default="maskclip",
                    help="dense features: maskclip (the paper's), or a ViT's last block as SCLIP, "
-                        "ClearCLIP or NACLIP change it (docs/method.md section 2b)")
+                   "ClearCLIP or NACLIP change it (docs/method.md section 2b)")
 
 
 def resolve_clip_args(args):
@@ -219,12 +211,13 @@ def resolve_clip_args(args):
     return args
 
 
-def vision_stride(args):
-    """The teacher's patch size (a ResNet tower: 32) read from --clip-config or open_clip's config
-    of --clip, without building the model; 16 when the name is unknown."""
+def vision_stride(clip, clip_config=None):
+    """The teacher's patch size (a ResNet tower: 32) read from the JSON config `clip_config`
+    (--clip-config) or else open_clip's config of the architecture `clip` (--clip), without building
+    the model; 16 when the name is unknown."""
     try:
-        cfg = (json.loads(Path(args.clip_config).read_text()) if args.clip_config
-               else open_clip.get_model_config(args.clip) or {})
+        cfg = (json.loads(Path(clip_config).read_text()) if clip_config
+               else open_clip.get_model_config(clip) or {})
     except (OSError, json.JSONDecodeError):
         return 16
     vision = cfg.get("vision_cfg", {})

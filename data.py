@@ -2,19 +2,22 @@
 
 Notation used in shape comments: B images, H x W pixels, K classes.
 
-Public API:
-    UserError                      -> an expected failure (bad file, bad flag): one line printed
+Public API (errors and safe writes: files.py; scores and the k-NN vote: metrics.py):
     load_image(path)               -> (H, W, 3) uint8 RGB, EXIF-rotated, any PIL mode
+    list_images(paths)             -> the image files among files and folders
     image_tensor(img)              -> (1, 3, H, W) float in [0, 1]
-    resize_for_teacher(img, ...)   -> the teacher's input: short side fixed, multiple of its stride
-    palette(n), save_label_png()  -> colours and palette PNG label maps
-    confusion_matrix(), segmentation_metrics()    -> mIoU / pAcc / mAcc / per-class IoU
-    language_confusion()           -> the confusion of argmax class scores over a split
+    resize_short_side(img, ...)    -> short side fixed, sides multiples of a stride (any model's
+                                      input: the teacher's, f's, the probe's, the figures')
+    palette(n), save_label_png()   -> colours and palette PNG label maps
+    resize_labels(labels, size)    -> a label map resized (nearest)
+    first_names(classes)           -> each class's display name (its first synonym)
     SegDataset(name, root, split)  -> voc, context, cocostuff, folder, toy readers, and the
                                       field's voc21, context60, coco-object, cityscapes, ade20k
+                                      (DATASETS; find_base(name, root): where one lies)
     add_bad_files_arg(parser)      -> --bad-files {stop,check,skip} for SegDataset's bad_files
     TwoViews, warp(), superpixels()-> CLIP-S4 training samples and their geometry
-    EvalImages, collate, knn_vote  -> evaluation samples, batching, k-NN retrieval
+    test_side(base), EvalImages    -> the short side a dataset is scored at, evaluation samples
+    collate                        -> batching
 """
 import math
 import os
@@ -27,22 +30,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from files import UserError, atomic_save
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IGNORE = 255  # label value that is never scored
-
-
-class UserError(Exception):
-    """An expected failure caused by the input (missing file, bad flag, wrong checkpoint).
-    Scripts print its message on one line and exit with status 1, no stack trace."""
-
-    def __init__(self, message=""):
-        # A DataLoader worker's exception reaches the main process as this class called with
-        # "Caught UserError in DataLoader worker process N.\nOriginal Traceback ...\n
-        # data.UserError: <message>" (torch's ExceptionWrapper); keep <message>, one line.
-        text = str(message)
-        if text.startswith("Caught UserError") and "UserError: " in text:
-            text = text.rstrip().rsplit("UserError: ", 1)[1]
-        super().__init__(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,16 +87,15 @@ def teacher_size(H, W, short_side, stride, max_long_side):
     """The (h, w) an H x W image is resized to: short side `short_side`, long side capped at
     `max_long_side` (very wide images shrink further), both rounded to multiples of `stride`."""
     scale = min(short_side / min(H, W), max_long_side / max(H, W))
-    return (
-        max(stride, round(H * scale / stride) * stride),
-        max(stride, round(W * scale / stride) * stride),
-    )
+    return (max(stride, round(H * scale / stride) * stride),
+            max(stride, round(W * scale / stride) * stride))
 
 
-def resize_for_teacher(img, short_side, stride, max_long_side):
-    """The teacher's input: img (H, W, 3) uint8 resized with PIL's bicubic filter (antialiased when
-    shrinking, as CLIP's own preprocessing) to teacher_size(...). Resizing the uint8 image before
-    any float conversion keeps a 6000 x 4000 photo cheap. Returns (3, h, w) float32 in [0, 1]."""
+def resize_short_side(img, short_side, stride, max_long_side):
+    """A model's input (the teacher's sources, f's and the probe's images, the figures'): img
+    (H, W, 3) uint8 resized with PIL's bicubic filter (antialiased when shrinking, as CLIP's own
+    preprocessing) to teacher_size(...). Resizing the uint8 image before any float conversion keeps
+    a 6000 x 4000 photo cheap. Returns (3, h, w) float32 in [0, 1]."""
     h, w = teacher_size(img.shape[0], img.shape[1], short_side, stride, max_long_side)
     small = np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
     return image_tensor(small)[0]
@@ -137,102 +127,11 @@ def save_label_png(path, labels, colours):
     atomic_save(img, path)
 
 
-def atomic_save(obj, path, previous=None):
-    """Write through a temporary file and a rename, so a crash never leaves half a file: a PIL image
-    is saved in the format of the path's suffix, anything else with torch.save (checkpoints,
-    caches). previous: a path that receives the old file once the new one is complete (train.py's
-    ckpt_prev.pt), so a file that is damaged later still has a readable predecessor."""
-    path = Path(path)
-    # one per process: no clashes
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        obj.save(tmp) if isinstance(obj, Image.Image) else torch.save(obj, tmp)
-    except BaseException:  # a full disk or Ctrl-C: no half file left behind, the old one untouched
-        tmp.unlink(missing_ok=True)
-        raise
-    if previous is not None and path.exists():
-        os.replace(path, previous)
-    os.replace(tmp, path)
-
-
-def per_class_line(per_class):
-    """'per class IoU: sky 81.2, grass 60.1, ...' (classes without an IoU left out)."""
-    return "per class IoU: " + ", ".join(f"{k} {v:.1f}" for k, v in per_class.items()
-                                         if v is not None)
-
-
-def write_json(path, obj):
-    """Write a metrics dict as indented JSON, creating the folder (evaluate.py / knn.py --json)."""
-    import json
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
-
-
 def resize_labels(labels, size):
     """Nearest-neighbour resize of an (h, w) uint8 label map to size = (H, W)."""
     if labels.shape == tuple(size):
         return labels
     return np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
-
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics: everything from one confusion matrix
-# ----------------------------------------------------------------------------------------------
-def confusion_matrix(pred, gt, num_classes, ignore=IGNORE):
-    """Rows = ground truth, columns = prediction, pixels labelled `ignore` left out.
-    pred, gt: integer arrays of one shape. Returns (K, K) int64."""
-    pred, gt = (
-        np.asarray(pred).reshape(-1).astype(np.int64),
-        np.asarray(gt).reshape(-1).astype(np.int64),
-    )
-    keep = gt != ignore
-    idx = num_classes * gt[keep] + pred[keep]
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def segmentation_metrics(cm, names):
-    """mIoU, pAcc, mAcc (percent) and per-class IoU from a confusion matrix. A class absent from
-    both ground truth and prediction has no IoU (left out of the mean, None per class), not 0."""
-    cm = np.asarray(cm, dtype=np.float64)
-    tp, gt, pr = np.diag(cm), cm.sum(1), cm.sum(0)
-    union = gt + pr - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        acc = np.where(gt > 0, tp / gt, np.nan)
-    return {"mIoU": 100 * float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0,
-            "pAcc": 100 * float(tp.sum() / max(cm.sum(), 1)),
-            "mAcc": 100 * float(np.nanmean(acc)) if np.isfinite(acc).any() else 0.0,
-            "per_class": {n: (None if np.isnan(v) else 100 * float(v)) for n, v in zip(names, iou)}}
-
-
-def language_confusion(scores_of, data, num_classes, limit=0, desc=None, refine=None,
-                       decide=None):
-    """The language-driven protocol over a split: each image's class scores, upsampled (bilinear) to
-    its label, argmax per pixel, one confusion matrix. Used by evaluate.py and by train.py's
-    validation. No random numbers are drawn, so scoring inside training leaves the run unchanged.
-    Args:
-        scores_of: maps an image (1, 3, h, w) float in [0, 1] to class scores (1, K, h', w').
-        data: EvalImages; limit: score only the first N images (0: all); desc: a progress-bar title.
-        refine: None, or (image (1, 3, h, w), scores (1, K, h, w)) -> scores, run on the scores
-            upsampled to the input image (model.pamr).
-        decide: None (argmax over the scores), or scores (1, C, H, W) at the label's size ->
-            labels (1, H, W) long (evaluate.py's background rule; C may count synonym rows).
-    Returns:
-        (K, K) int64 confusion matrix, rows = ground truth."""
-    cm = np.zeros((num_classes, num_classes), np.int64)
-    n = min(len(data), limit) if limit else len(data)
-    for i in tqdm(range(n), desc=desc, disable=desc is None, leave=False):
-        item = data[i]
-        s = scores_of(item["image"][None]).float()  # (1, K, h', w')
-        if refine is not None:  # (1, K, h, w)
-            x = item["image"][None].to(s.device)
-            s = refine(x, F.interpolate(s, size=x.shape[2:], mode="bilinear", align_corners=False))
-        # (1, K, H, W)
-        s = F.interpolate(s, size=item["label"].shape, mode="bilinear", align_corners=False)
-        pred = s[0].argmax(0) if decide is None else decide(s)[0]  # (H, W)
-        cm += confusion_matrix(pred.cpu().numpy(), item["label"].numpy(), num_classes)
-    return cm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,10 +210,8 @@ LAYOUTS = {
         ["VOCdevkit/VOC2010", "."],
         "JPEGImages",
         {"train": "SegmentationClassContext", "val": "SegmentationClassContext"},
-        {
-            "train": "ImageSets/SegmentationContext/train.txt",
-            "val": "ImageSets/SegmentationContext/val.txt",
-        },
+        {"train": "ImageSets/SegmentationContext/train.txt",
+         "val": "ImageSets/SegmentationContext/val.txt"},
         "data/context",
     ),
     "cocostuff": (
@@ -361,6 +258,12 @@ LABEL_GLOBS = {
     "ade20k": ("*.png", ".png", ".jpg"),
 }
 DATASETS = list(LAYOUTS)  # the --dataset choices of every script
+
+
+def first_names(classes):
+    """The name each class is shown and looked up by: its first synonym ('tv monitor;television'
+    -> 'tv monitor'). classes: names with optional ';'-separated synonyms -> list of str."""
+    return [c.split(";")[0] for c in classes]
 
 
 def image_folder(name, split):
@@ -432,8 +335,7 @@ class SegDataset(torch.utils.data.Dataset):
         if name == "voc":
             raw = ["background"] + VOC_CLASSES
             if not background:
-                # 0 -> ignore, k -> k-1
-                lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)
+                lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)  # 0 -> ignore
         elif name == "context":
             raw = ["background"] + CONTEXT_CLASSES
             lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)
@@ -693,15 +595,10 @@ class TwoViews(torch.utils.data.Dataset):
         item = self.base[i]
         img = item["image"]
         H, W = img.shape[:2]
-        cache = (
-            Path(self.cache_dir) / f"{item['id']}_slic{self.n_segments}.png"
-            if self.cache_dir
-            else None
-        )
-        # (1, 1, H, W)
-        seg = torch.from_numpy(superpixels(img, self.n_segments, cache_file=cache)).float()[
-            None, None
-        ]
+        slic_file = f"{item['id']}_slic{self.n_segments}.png"
+        cache = Path(self.cache_dir) / slic_file if self.cache_dir else None
+        seg = torch.from_numpy(superpixels(img, self.n_segments, cache_file=cache))
+        seg = seg.float()[None, None]  # (1, 1, H, W)
         src = image_tensor(img)  # (1, 3, H, W)
         boxes = torch.tensor([random_box(g, W / H, self.scale) for _ in range(2)])  # (V, 4)
         flips = torch.rand(2, generator=g) < 0.5
@@ -712,10 +609,9 @@ class TwoViews(torch.utils.data.Dataset):
         # ground truth on the views, read by the pixel-following diagnostic only, never by a loss
         gt = torch.from_numpy(item["label"]).float()[None, None].expand(2, -1, -1, -1)
         labels = warp(gt, boxes, flips, size, mode="nearest", pad=float(IGNORE))[:, 0].long()
+        source = resize_short_side(img, self.teacher_side, self.stride, self.max_side)  # (3, h, w)
         return {"views": views, "boxes": boxes, "flips": flips, "regions": regions[:, 0].long(),
-                "labels": labels,
-                "source": resize_for_teacher(img, self.teacher_side, self.stride, self.max_side),
-                "id": item["id"]}
+                "labels": labels, "source": source, "id": item["id"]}
 
 
 # MaskCLIP's test sides; toy: its CLIP's; the with-background variants as their base sets, and
@@ -749,7 +645,7 @@ class EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = self.base[i]
-        x = resize_for_teacher(item["image"], self.side, self.stride, self.max_side)
+        x = resize_short_side(item["image"], self.side, self.stride, self.max_side)
         return {"image": x, "label": torch.from_numpy(item["label"]).long(), "id": item["id"]}
 
 
@@ -761,28 +657,3 @@ def collate(items):
         same = all(torch.is_tensor(v) and v.shape == vals[0].shape for v in vals)
         out[k] = torch.stack(vals) if same else vals
     return out
-
-
-def majority_labels(ids, gt, num_classes, count):
-    """Segments scored against ground truth: the segment map (h, w) at any resolution is resized
-    (nearest) to gt's (H, W), and each segment takes the class most of its labelled pixels have.
-    ids (h, w) long in [0, count), gt (H, W) long with 255 = ignore ->
-    (labels (count,) long, -1 where no pixel is labelled; ids at (H, W))."""
-    ids = F.interpolate(ids[None, None].float(), size=gt.shape, mode="nearest")[0, 0].long()
-    keep = gt != IGNORE
-    votes = torch.bincount(ids[keep] * num_classes + gt[keep], minlength=count * num_classes)
-    votes = votes.view(count, num_classes)
-    return torch.where(votes.sum(1) > 0, votes.argmax(1), -1), ids
-
-
-# ----------------------------------------------------------------------------------------------
-# k-NN retrieval (knn.py, bench.py)
-# ----------------------------------------------------------------------------------------------
-def knn_vote(queries, memory, mem_labels, k, num_classes, chunk=4096):
-    """Majority label among the k most cosine-similar memory rows, chunked so that a (chunk, N)
-    similarity block is the largest thing held. queries (Q, D), memory (N, D) unit -> (Q,) long."""
-    out = []
-    for q in queries.split(chunk):
-        top = (q @ memory.T).topk(min(k, len(memory)), dim=1).indices  # (chunk, N) -> (chunk, k)
-        out.append(F.one_hot(mem_labels[top], num_classes).sum(1).argmax(1))
-    return torch.cat(out)

@@ -25,61 +25,35 @@ with the published row of the same teacher beside it:
 """
 import argparse
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from data import (CONTEXT_FOLDS, DATASETS, WITH_BACKGROUND, EvalImages, SegDataset, UserError,
-                  add_bad_files_arg, find_base, language_confusion, per_class_line,
-                  segmentation_metrics, write_json)
+from data import (CONTEXT_FOLDS, DATASETS, WITH_BACKGROUND, EvalImages, SegDataset,
+                  add_bad_files_arg, find_base, first_names)
+from files import UserError, write_json
+from metrics import (language_confusion, mean_std, per_class_line, segmentation_metrics,
+                     subset_metrics)
 from clip_loading import add_clip_args, resolve_clip_args
 from model import (DISPLAY_NAMES, TEMPLATE_FILES, add_refine_args, background_rule, class_scores,
                    key_smoothing, load_embedder, pick_device, prompt_denoising, read_templates,
                    refiner)
+from suite import (BG_THRESHOLD, LOGIT_SCALE, PEER_NAMES, PEERS_CROP, PEERS_SHORT_SIDE, PEERS_SIDE,
+                   PEERS_STRIDE, PEERS_WINDOW, SUITE, paper_numbers, published_row, suite_line)
 
-# The supplementary's numbers (pAcc, mAcc) for the rows it has. Table 1: COCO-Stuff, every name
-# known, by CLIP model. Table 2: Pascal Context with one fold unknown, all 59 classes, mean (+- std)
-# over the four folds. The main paper's mIoU tables are not in the supplementary, so no mIoU column.
-PAPER = {
-    ("cocostuff", "maskclip", "RN50"): ("22.0", "26.1"),
-    ("cocostuff", "maskclip", "ViT-B-16"): ("27.7", "32.4"),
-    ("cocostuff", "maskclip+", "RN50"): ("26.1", "32.2"),
-    ("cocostuff", "maskclip+", "ViT-B-16"): ("35.7", "39.9"),
-    ("cocostuff", "clip-s4", "RN50"): ("28.6", "36.2"),
-    ("cocostuff", "clip-s4", "ViT-B-16"): ("36.8", "43.6"),
-    ("context-folds", "maskclip"): ("45.2", "46.4"),
-    ("context-folds", "maskclip+"): ("43.1±4.3", "40.3±2.0"),
-    ("context-folds", "clip-s4"): ("54.4±1.0", "52.3±0.5"),
-}
+# The flags that build a teacher (clip_loading's), read from this command or from a run's args
+CLIP_FLAGS = ("clip", "clip_pretrained", "clip_config", "quick_gelu", "teacher")
 
-# ---- the field's eight benchmarks (docs/benchmarks-protocol.md has the source of every value) ----
-# In the column order of the peers' tables (NACLIP's paper), with their short titles.
-SUITE = {"voc21": "VOC21", "context60": "PC60", "coco-object": "Object", "voc": "VOC20",
-         "context": "PC59", "cocostuff": "Stuff", "cityscapes": "City", "ade20k": "ADE"}
-# --protocol peers, NACLIP's configs/cfg_*.py and naclip.py: test short side and slide window
-# (None: the whole image) per dataset; windows step by PEERS_STRIDE; 80 OpenAI templates.
-PEERS_SIDE = {"cityscapes": 560}  # 336 elsewhere
-PEERS_WINDOW = {"voc21": None, "voc": None}  # 224 elsewhere
-PEERS_SHORT_SIDE, PEERS_CROP, PEERS_STRIDE = 336, 224, 112
-PEER_NAMES = Path(__file__).with_name("classnames")  # their cls_*.txt, as peers_<dataset>.txt
-# The background rule's threshold per with-background dataset (NACLIP's prob_thd; SCLIP has the
-# same, ClearCLIP 0.5 / 0.15 / 0.4) and its softmax scale (NACLIP's logit_scale).
-BG_THRESHOLD = {"voc21": 0.1, "context60": 0.1, "coco-object": 0.1}
-LOGIT_SCALE = 40.0
-# Published mIoU, ViT-B/16 with OpenAI's weights, in SUITE order (None: not in that table), by
-# (teacher, --refine): (where it is published, the eight numbers).
-PUBLISHED = {
-    ("maskclip", "none"): ("ClearCLIP README, assets/results.png",
-                           [None, None, None, 74.9, 26.4, 16.4, 12.6, 9.8]),
-    ("sclip", "none"): ("SCLIP README", [59.63, 31.74, 33.52, 81.54, 34.46, 22.77, 32.34, 16.45]),
-    ("clearclip", "none"): ("ClearCLIP README, assets/results.png",
-                            [None, None, None, 80.9, 35.9, 23.9, 30.0, 16.7]),
-    ("naclip", "none"): ("NACLIP paper, arXiv:2404.08181",
-                         [58.9, 32.2, 33.2, 79.7, 35.2, 23.3, 35.5, 17.4]),
-    ("naclip", "pamr"): ("NACLIP README", [64.07, 34.99, 36.19, 83.03, 38.35, 25.69, 38.27, 19.05]),
-}
 
+@dataclass
+class Row:
+    """One row of the report table: who was scored, on which classes, and how well."""
+    method: str  # a run's method ("clip-s4", ...) or the teacher's name
+    clip: str  # the CLIP column: the model's name, and the teacher when not MaskCLIP
+    run: str  # which run: a checkpoint path, "fold K", "teacher of the first run" or ""
+    withheld: list  # the class names reported as unknown
+    metrics: dict  # scored()'s: mIoU, pAcc, mAcc, per_class, and known / unknown when withheld
 
 
 def get_args(argv=None):
@@ -91,18 +65,12 @@ def get_args(argv=None):
                    "several (e.g. the four fold runs) add a mean +- std row")
     p.add_argument("--method", default=None, choices=["maskclip"],
                    help="maskclip: the frozen teacher alone")
-    p.add_argument(
-        "--with-teacher",
-        action="store_true",
-        help="also score the teacher of the first --checkpoint (same CLIP, same images, at "
-        "--teacher-size) and print the comparison",
-    )
-    p.add_argument(
-        "--teacher-size",
-        type=int,
-        default=None,
-        help="the teacher's test short side (default: the dataset's, 64 for the toy CLIP)",
-    )
+    p.add_argument("--with-teacher", action="store_true",
+                   help="also score the teacher of the first --checkpoint (same CLIP, same images, "
+                   "at --teacher-size) and print the comparison")
+    p.add_argument("--teacher-size", type=int, default=None,
+                   help="the teacher's test short side (default: the dataset's, 64 for the toy "
+                   "CLIP)")
     add_clip_args(p)
     p.add_argument("--key-smoothing", action="store_true",
                    help="MaskCLIP refinement (teacher only)")
@@ -138,21 +106,12 @@ def get_args(argv=None):
     add_bad_files_arg(p)
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
-    p.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="test short side (default: a checkpoint's --eval-size, else 512; 520 for context)",
-    )
-    p.add_argument(
-        "--unknown-fold",
-        type=int,
-        nargs="+",
-        default=[],
-        choices=range(4),
-        help="teacher only: report fold K's classes as unknown (several: a row each, "
-        "and mean +- std)",
-    )
+    p.add_argument("--size", type=int, default=None,
+                   help="test short side (default: a checkpoint's --eval-size, else 512; 520 for "
+                   "context)")
+    p.add_argument("--unknown-fold", type=int, nargs="+", default=[], choices=range(4),
+                   help="teacher only: report fold K's classes as unknown (several: a row each, "
+                   "and mean +- std)")
     p.add_argument("--unknown-classes", nargs="+", default=[],
                    help="teacher only: report these as unknown")
     p.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
@@ -166,22 +125,6 @@ def get_args(argv=None):
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return resolve_clip_args(p.parse_args(argv))
-
-
-def subset_metrics(cm, names, subset):
-    """Scores restricted to the classes in `subset` (predictions still range over every class):
-    mIoU and mAcc average those classes; pAcc counts pixels whose ground truth is one of them."""
-    full = segmentation_metrics(cm, names)
-    idx = [names.index(n) for n in subset]
-    ious = [full["per_class"][n] for n in subset if full["per_class"][n] is not None]
-    gt = cm[idx].sum(1)
-    accs = [100 * cm[k, k] / g for k, g in zip(idx, gt) if g > 0]
-    return {
-        "mIoU": float(np.mean(ious)) if ious else 0.0,
-        "pAcc": 100 * float(cm[idx, idx].sum() / max(gt.sum(), 1)),
-        "mAcc": float(np.mean(accs)) if accs else 0.0,
-        "per_class": {n: full["per_class"][n] for n in subset},
-    }
 
 
 def slide_scores(score, x, window, step, stride):
@@ -235,24 +178,29 @@ def protocol(args, dataset):
             "threshold": threshold}
 
 
+def load_model(args, device, checkpoint=None, clip_flags=None):
+    """model.load_embedder for one row: a trained run (`checkpoint`), or the teacher built from
+    this command's CLIP flags or from `clip_flags` (a run's args, for --with-teacher). Only the
+    teacher brings its keys, and only for --key-smoothing."""
+    if checkpoint:
+        return load_embedder(device, checkpoint)
+    flags = clip_flags or vars(args)
+    return load_embedder(device, **{k: flags[k] for k in CLIP_FLAGS},
+                         with_keys=args.key_smoothing)
+
+
 @torch.no_grad()
-def confusion(args, checkpoint, device, size=None, loaded=None, base=None):
-    """One pass over the split for the teacher (checkpoint None) or one run: the confusion matrix,
-    the class names, the run (or None), what to call the row, and the CLIP model's name. size: the
-    test short side (default: the protocol's, else the run's --eval-size, else the dataset's).
-    loaded: load_embedder's result, to reuse; base: the SegDataset, when already read."""
-    embed, stride, teacher, run = loaded or load_embedder(
-        argparse.Namespace(**{**vars(args), "checkpoint": checkpoint}),
-        device,
-        with_keys=args.key_smoothing and not checkpoint,
-    )
-    setting = protocol(args, args.dataset)
-    if base is None:
-        base = SegDataset(args.dataset, args.data_root, args.split,
-                          class_names=setting["class_names"], bad_files=args.bad_files)
-    data = EvalImages(base, size or setting["size"] or (run["args"]["eval_size"] if run else None),
-                      stride)
-    names = [c.split(";")[0] for c in base.classes]
+def confusion(args, model, base, device, size=None):
+    """One pass over the split `base` (a SegDataset) for the teacher or one run (model: an
+    Embedder). size: the test short side (default: the protocol's, else the run's --eval-size,
+    else the dataset's). Returns the confusion matrix (K, K), the class names, what to call the
+    row and its CLIP column."""
+    embed, stride, teacher, run = model
+    dataset = base.name
+    setting = protocol(args, dataset)
+    side = size or setting["size"] or (run["args"]["eval_size"] if run else None)
+    data = EvalImages(base, side, stride)
+    names = first_names(base.classes)
     protos, owner = teacher.text_prototypes(base.classes, read_templates(setting["templates"]))
     K = len(names)
     rule = setting["threshold"] is not None
@@ -260,7 +208,7 @@ def confusion(args, checkpoint, device, size=None, loaded=None, base=None):
         names[base.background] = "background"  # a peers' file names it by its stuff words
         if args.prompt_denoising or args.key_smoothing:
             raise UserError(f"--prompt-denoising / --key-smoothing: not with the background rule "
-                            f"of {args.dataset}")
+                            f"of {dataset}")
 
     # (1, 3, h, w) in [0, 1] -> (1, K, h', w') class scores (or smoothed probabilities); with the
     # background rule (1, S, h', w'): the cosine of every synonym row, which the rule needs
@@ -269,7 +217,7 @@ def confusion(args, checkpoint, device, size=None, loaded=None, base=None):
         if rule:
             return torch.einsum("bdhw,sd->bshw", feats.float(), protos)  # (1, S, h', w')
         s = class_scores(feats.float(), protos, owner, K)
-        if args.prompt_denoising and not checkpoint:
+        if args.prompt_denoising and run is None:
             s = prompt_denoising(s)
         if args.key_smoothing and keys is not None:
             s = key_smoothing(s, keys)
@@ -287,24 +235,25 @@ def confusion(args, checkpoint, device, size=None, loaded=None, base=None):
                                base.background)
 
     label = run["method"] if run else teacher.info["teacher"]
-    print(
-        f"evaluate.py | {label} | {args.dataset} {args.split}: {len(base)} images, {K} classes, "
-        f"short side {data.side} | {args.protocol} protocol: "
-        + (f"slide {setting['window'] or 'short side'}" if setting["window"] is not None
-           else "whole image")
-        + f", {setting['templates']} templates"
-        + (f", background below p {setting['threshold']} at scale {args.logit_scale:g}"
-           if rule else "")
-        + (f" | unknown: {', '.join(run['withheld'])}" if run and run["withheld"] else "")
-        + (f" | refine pamr: {args.pamr_iters} iterations, dilations {args.pamr_dilations}"
-           if args.refine == "pamr" else "")
-    )
+    slide = (f"slide {setting['window'] or 'short side'}" if setting["window"] is not None
+             else "whole image")
+    line = (f"evaluate.py | {label} | {dataset} {args.split}: {len(base)} images, {K} classes, "
+            f"short side {data.side} | {args.protocol} protocol: {slide}, "
+            f"{setting['templates']} templates")
+    if rule:
+        line += f", background below p {setting['threshold']} at scale {args.logit_scale:g}"
+    if run and run["withheld"]:
+        line += f" | unknown: {', '.join(run['withheld'])}"
+    if args.refine == "pamr":
+        line += f" | refine pamr: {args.pamr_iters} iterations, dilations {args.pamr_dilations}"
+    print(line)
     cm = language_confusion(image_scores, data, K, args.limit,
-                            desc=args.dataset if args.suite else "evaluating",
-                            refine=refiner(args), decide=decide if rule else None)
+                            desc=dataset if args.suite else "evaluating",
+                            refine=refiner(args.refine, args.pamr_iters, args.pamr_dilations),
+                            decide=decide if rule else None)
     clip = teacher.info["name"]  # the table's CLIP column names a teacher other than MaskCLIP
     clip += f" ({teacher.info['teacher']})" if teacher.info["teacher"] != "maskclip" else ""
-    return cm, names, run, label, clip
+    return cm, names, label, clip
 
 
 def scored(cm, names, withheld):
@@ -319,55 +268,7 @@ def scored(cm, names, withheld):
     return result
 
 
-def mean_std(results):
-    """Mean and std (numpy's, ddof 0; the paper does not say which) of each number over the runs."""
-    def walk(items):
-        if isinstance(items[0], dict):
-            return {k: walk([r[k] for r in items]) for k in items[0] if all(k in r for r in items)}
-        vals = [v for v in items if v is not None]
-        return (float(np.mean(vals)), float(np.std(vals))) if vals else None
-    both = walk(results)
-
-    def pick(tree, j):
-        return (
-            {k: pick(v, j) for k, v in tree.items()}
-            if isinstance(tree, dict)
-            else (tree[j] if tree else None)
-        )
-    return pick(both, 0), pick(both, 1)
-
-
-def paper_numbers(dataset, label, clip, withheld):
-    """The supplementary's (pAcc, mAcc) for this row, or ('', '')."""
-    fold_names = [sorted(f) for f in CONTEXT_FOLDS]
-    if dataset == "context" and sorted(withheld) in fold_names:
-        return PAPER.get(("context-folds", label), ("", ""))
-    if dataset == "cocostuff" and not withheld:
-        return PAPER.get(("cocostuff", label, clip), ("", ""))
-    return "", ""
-
-
-def published_row(teacher, refine, clip_info):
-    """(source, {dataset: mIoU or None}) of the same teacher, published with ViT-B/16 and OpenAI's
-    weights, when this CLIP is a ViT-B-16; else None."""
-    if clip_info["name"] != "ViT-B-16":
-        return None
-    if (teacher, refine) not in PUBLISHED:
-        return None
-    source, values = PUBLISHED[(teacher, refine)]
-    return source, dict(zip(SUITE, values))
-
-
-def suite_line(title, values):
-    """One markdown row: the eight numbers (blank where absent) and their mean, '(n/8)' when
-    fewer than eight."""
-    have = [v for v in values.values() if v is not None]
-    mean = f"{np.mean(have):.1f}" + (f" ({len(have)}/8)" if len(have) < 8 else "") if have else ""
-    return (f"| {title} | " + " | ".join("" if values.get(d) is None else f"{values[d]:.1f}"
-                                        for d in SUITE) + f" | {mean} |")
-
-
-def suite(args, device):
+def score_suite(args, device):
     """--suite eight: one model (the teacher or one checkpoint) on each of the eight benchmarks
     found under --data-root; one row, the published row of the same teacher under it."""
     if len(args.checkpoint) > 1 or args.with_teacher or args.unknown_fold \
@@ -390,41 +291,36 @@ def suite(args, device):
     for base in bases.values():
         if args.bad_files != "stop":
             base.check_files(skip=args.bad_files == "skip")
-    loaded = load_embedder(argparse.Namespace(**{**vars(args), "checkpoint": checkpoint}), device,
-                           with_keys=args.key_smoothing and not checkpoint)
-    teacher, run = loaded[2], loaded[3]
+    model = load_model(args, device, checkpoint)
+    teacher = model.teacher.info["teacher"]
     results = {}
     for name, base in bases.items():
-        a = argparse.Namespace(**{**vars(args), "dataset": name})
-        cm, names, _, label, clip = confusion(a, checkpoint, device, args.size, loaded, base)
+        cm, names, label, clip = confusion(args, model, base, device, args.size)
         results[name] = segmentation_metrics(cm, names)
     ours = {d: results[d]["mIoU"] if d in results else None for d in SUITE}
     title = (f"{DISPLAY_NAMES.get(label, label)}, {clip}, {args.protocol} protocol"
              + (", pamr" if args.refine == "pamr" else ""))
     print("\n| row | " + " | ".join(SUITE.values()) + " | mean |\n" + "|---" * 10 + "|")
     print(suite_line(title, ours))
-    published = published_row(teacher.info["teacher"], args.refine, teacher.info)
+    published = published_row(teacher, args.refine, model.teacher.info)
     if published:
         source, values = published
-        print(suite_line(f"{DISPLAY_NAMES[teacher.info['teacher']]}, ViT-B/16 OpenAI, "
-                         f"published ({source})", values))
+        print(suite_line(f"{DISPLAY_NAMES[teacher]}, ViT-B/16 OpenAI, published ({source})",
+                         values))
         both = [d for d in SUITE if ours[d] is not None and values[d] is not None]
         if both and len(both) < 8:
             print(f"over the {len(both)} datasets both rows have: ours "
                   f"{np.mean([ours[d] for d in both]):.1f}, published "
                   f"{np.mean([values[d] for d in both]):.1f}")
-    scored_names = list(results)
     result = {
-        "suite": "eight", "method": label, "teacher": teacher.info["teacher"], "clip": clip,
+        "suite": "eight", "method": label, "teacher": teacher, "clip": clip,
         "protocol": args.protocol, "refine": args.refine, "skipped": skipped,
-        **{k: float(np.mean([results[d][k] for d in scored_names]))
-           for k in ("mIoU", "pAcc", "mAcc")},
-        "per_class": {f"{d}/{c}": v for d in scored_names
-                      for c, v in results[d]["per_class"].items()},
+        **{k: float(np.mean([r[k] for r in results.values()])) for k in ("mIoU", "pAcc", "mAcc")},
+        "per_class": {f"{d}/{c}": v for d, r in results.items() for c, v in r["per_class"].items()},
         "datasets": results,
-        "published": ({"source": published[0], "mIoU": published[1]} if published else None),
+        "published": {"source": published[0], "mIoU": published[1]} if published else None,
     }
-    if run is not None:
+    if model.run is not None:
         result["checkpoint"] = checkpoint
     if args.json:
         write_json(args.json, result)
@@ -436,75 +332,69 @@ def main(args):
     if bool(args.checkpoint) == bool(args.method):
         raise UserError("give either --checkpoint PATH [PATH ...] or --method maskclip")
     if args.suite:
-        return suite(args, device)
+        return score_suite(args, device)
     base = SegDataset(args.dataset, args.data_root, args.split, bad_files=args.bad_files,
                       class_names=protocol(args, args.dataset)["class_names"])
-    rows, results = [], []  # rows: (method, clip, which runs, withheld, result)
+    rows = []
     if args.method:
         splits = [CONTEXT_FOLDS[k] for k in args.unknown_fold] or [[]]
-        names = [c.split(";")[0] for c in base.classes]
+        names = first_names(base.classes)
         # the names are checked before the slow pass
         scored(np.zeros((len(names),) * 2, np.int64), names,
                list(args.unknown_classes) + sum(splits, []))
-        cm, names, _, label, clip = confusion(args, None, device, args.size, base=base)
+        model = load_model(args, device)
+        cm, names, label, clip = confusion(args, model, base, device, args.size)
         for fold, extra in zip(args.unknown_fold or [None], splits):
             withheld = list(args.unknown_classes) + list(extra)
-            results.append(scored(cm, names, withheld))
-            rows.append((label, clip, f"fold {fold}" if fold is not None else "", withheld,
-                         results[-1]))
+            rows.append(Row(label, clip, f"fold {fold}" if fold is not None else "", withheld,
+                            scored(cm, names, withheld)))
     runs = []
     for path in args.checkpoint:
-        cm, names, run, label, clip = confusion(args, path, device, args.size, base=base)
-        results.append(scored(cm, names, run["withheld"]))
-        rows.append((label, clip, path, run["withheld"], results[-1]))
-        runs.append(run)
+        model = load_model(args, device, path)
+        cm, names, label, clip = confusion(args, model, base, device, args.size)
+        rows.append(Row(label, clip, path, model.run["withheld"],
+                        scored(cm, names, model.run["withheld"])))
+        runs.append(model.run)
     teacher = None
     if args.with_teacher:  # the CLIP the first run was trained with, on the same images
         if not runs:
             raise UserError("--with-teacher compares a --checkpoint with its teacher: give a "
                             "checkpoint")
-        clip_flags = {k: runs[0]["args"][k] for k in ("clip", "clip_pretrained", "clip_config",
-                                                      "quick_gelu", "teacher")}
-        cm, names, _, label, clip = confusion(argparse.Namespace(**{**vars(args), **clip_flags}),
-                                              None,
-                                              device, args.teacher_size, base=base)
-        teacher = (
-            label,
-            clip,
-            "teacher of the first run",
-            rows[0][3],
-            scored(cm, names, rows[0][3]),
-        )
+        model = load_model(args, device, clip_flags=runs[0]["args"])
+        cm, names, label, clip = confusion(args, model, base, device, args.teacher_size)
+        withheld = rows[0].withheld
+        teacher = Row(label, clip, "teacher of the first run", withheld,
+                      scored(cm, names, withheld))
     # ---- report: one markdown table, the supplementary's numbers beside ours ----
-    print("\n| method | CLIP | run | classes | mIoU | pAcc | mAcc | paper pAcc | paper mAcc "
-          "|\n" + "|---" * 9 + "|")
-    for label, clip, which, withheld, r in ([teacher] if teacher else []) + rows:
-        paper = paper_numbers(args.dataset, label, clip, withheld)
-        for part in ["all"] + (["known", "unknown"] if withheld else []):
-            m = r if part == "all" else r[part]
+    print("\n| method | CLIP | run | classes | mIoU | pAcc | mAcc | paper pAcc | paper mAcc |\n"
+          + "|---" * 9 + "|")
+    for row in ([teacher] if teacher else []) + rows:
+        paper = paper_numbers(args.dataset, row.method, row.clip, row.withheld)
+        for part in ["all"] + (["known", "unknown"] if row.withheld else []):
+            m = row.metrics if part == "all" else row.metrics[part]
             p = paper if part == "all" else ("", "")
-            print(f"| {label} | {clip} | {which} | {part} | {m['mIoU']:.1f} | {m['pAcc']:.1f} | "
-                  f"{m['mAcc']:.1f} "
-                  f"| {p[0]} | {p[1]} |")
-    result = results[0]
-    if len(results) > 1:
-        mean, std = mean_std(results)
+            print(f"| {row.method} | {row.clip} | {row.run} | {part} | {m['mIoU']:.1f} | "
+                  f"{m['pAcc']:.1f} | {m['mAcc']:.1f} | {p[0]} | {p[1]} |")
+    result = rows[0].metrics
+    if len(rows) > 1:
+        mean, std = mean_std([row.metrics for row in rows])
         for part in ["all"] + [k for k in ("known", "unknown") if k in mean]:
             m, s = (mean, std) if part == "all" else (mean[part], std[part])
-            print(f"| mean ± std of {len(results)} | | | {part} | " + " | ".join(
+            print(f"| mean ± std of {len(rows)} | | | {part} | " + " | ".join(
                 f"{m[k]:.1f} ± {s[k]:.1f}" for k in ("mIoU", "pAcc", "mAcc")) + " | | |")
-        result = {**mean, "std": std, "runs": [{"method": r[0], "run": r[2], **r[4]} for r in rows]}
+        result = {**mean, "std": std,
+                  "runs": [{"method": row.method, "run": row.run, **row.metrics} for row in rows]}
     if teacher:
-        t = teacher[4]
+        t = teacher.metrics
         result["teacher"] = t
-        print(f"\n{DISPLAY_NAMES[teacher[0]]} {t['mIoU']:.1f} -> "
-              f"{DISPLAY_NAMES.get(rows[0][0], rows[0][0])} "
+        print(f"\n{DISPLAY_NAMES[teacher.method]} {t['mIoU']:.1f} -> "
+              f"{DISPLAY_NAMES.get(rows[0].method, rows[0].method)} "
               f"{result['mIoU']:.1f} mIoU ({result['mIoU'] - t['mIoU']:+.1f})"
               + (f"; unknown names {t['unknown']['mIoU']:.1f} -> {result['unknown']['mIoU']:.1f}"
                  if "unknown" in t and "unknown" in result else ""))
     print(per_class_line(result["per_class"]))
     if args.json:
-        write_json(args.json, {"method": rows[0][0], "refine": args.refine, **result})
+        write_json(args.json, {"method": rows[0].method, "refine": args.refine, **result})
     return result
 
 

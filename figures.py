@@ -146,9 +146,9 @@ def segment_map(label, emb, patches, is_known, cells, seed):
     fig, ax = plt.subplots(figsize=(11, 11))
     ax.scatter(xy[:, 0], xy[:, 1], s=4, c=np.where(is_known, GREEN, ORANGE).tolist(), alpha=0.4)
     for s in chosen:
-        ax.add_artist(AnnotationBbox(
-            OffsetImage(patches[s], zoom=0.75), xy[s], frameon=True, pad=0.1,
-            bboxprops=dict(edgecolor=GREEN if is_known[s] else ORANGE, linewidth=2)))
+        frame = dict(edgecolor=GREEN if is_known[s] else ORANGE, linewidth=2)
+        ax.add_artist(AnnotationBbox(OffsetImage(patches[s], zoom=0.75), xy[s], frameon=True,
+                                     pad=0.1, bboxprops=frame))
     pad = 0.06 * (hi - lo)
     ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0]), ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
     ax.set_xticks([]), ax.set_yticks([])

@@ -1,5 +1,5 @@
-"""knn.py: unsupervised evaluation of pixel embeddings by k-NN segment retrieval (supplementary
-A.1).
+"""knn.py: unsupervised evaluation of pixel embeddings by k-NN segment retrieval and by a linear
+probe (supplementary A.1).
 
 Every image is cut into 36 segments by k-means on its embeddings and pixel positions (20 iterations;
 the position's weight is --kmeans-lambda, our choice), on the embedding grid or, with --kmeans-at
@@ -17,7 +17,7 @@ Toy world on 2 CPU cores (a few minutes: about 4 for a trained run, at its own -
     python knn.py --dataset toy --checkpoint runs/toy/ckpt.pt
     python knn.py --dataset toy --method maskclip --size 64
 
-The training-segment memory (about 380k x D on VOC trainaug) is written next to --memory-dir and
+The training-segment memory (about 380k x D on VOC trainaug) is written to --memory-dir and
 reused by later runs with the same model, dataset and protocol.
 
 Linear probe (supplementary A.1: a 1x1 linear classifier on the frozen embeddings, 60k iterations,
@@ -30,10 +30,9 @@ On VOC the supplementary's numbers (Table 3: pAcc, mAcc; Table 4: per-class k-NN
 beside ours.
 """
 import argparse
-import hashlib
-import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +40,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DATASETS, IGNORE, EvalImages, SegDataset, UserError, add_bad_files_arg,
-                  atomic_save, confusion_matrix, knn_vote, language_confusion, majority_labels,
-                  per_class_line, resize_for_teacher, resize_labels, segmentation_metrics,
-                  write_json)
+from data import (DATASETS, IGNORE, EvalImages, SegDataset, add_bad_files_arg, first_names,
+                  resize_labels, resize_short_side, test_side)
+from files import UserError, atomic_save, cache_key, read_cache, write_json
+from metrics import (confusion_matrix, knn_vote, language_confusion, majority_labels,
+                     per_class_line, segmentation_metrics)
 from losses import image_segments
 from clip_loading import add_clip_args, resolve_clip_args
 from model import load_embedder, pick_device
+from training import poly_schedule, saved_on_interrupt
 
 # The supplementary's k-NN numbers on Pascal VOC 2012 (21 classes): Table 3 (pAcc, mAcc) and Table 4
 # (per-class IoU, background first, VOC order).
@@ -78,7 +79,8 @@ def get_args(argv=None):
     p.add_argument("--data-root", default=None)
     add_bad_files_arg(p)
     p.add_argument("--size", type=int, default=None,
-                   help="short side of the images (default as evaluate.py)")
+                   help="short side of the images (default: a checkpoint's --eval-size, else the "
+                   "dataset's test side, as evaluate.py)")
     p.add_argument("--limit-train", type=int, default=0,
                    help="use only the first N training images (0: all)")
     # Protocol (supplementary A.1)
@@ -87,14 +89,10 @@ def get_args(argv=None):
     p.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations")
     p.add_argument("--kmeans-lambda", type=float, default=1.0,
                    help="weight of pixel position in that k-means (0: embeddings alone) [choice]")
-    p.add_argument(
-        "--kmeans-at",
-        choices=["features", "labels"],
-        default="features",
-        help="features: k-means on the h x w embedding grid, segments resized (nearest) to the "
-        "labels; labels: embeddings resized (bilinear) to the label size first, as "
-        "SPML's and HSG's k-NN scripts do [choice]",
-    )
+    p.add_argument("--kmeans-at", choices=["features", "labels"], default="features",
+                   help="features: k-means on the h x w embedding grid, segments resized (nearest) "
+                   "to the labels; labels: embeddings resized (bilinear) to the label size first, "
+                   "as SPML's and HSG's k-NN scripts do [choice]")
     p.add_argument("--k", type=int, default=20, help="nearest training segments that vote")
     p.add_argument("--chunk", type=int, default=4096, help="queries per retrieval matmul")
     # Linear probe (supplementary A.1)
@@ -134,8 +132,8 @@ def segments_and_labels(embed, item, n_segments, iters, num_classes, lam=1.0, at
 class ProbeCrops(torch.utils.data.Dataset):
     """Training crops for the probe: the image at short side `side`, a random crop x crop (padded
     with ignore where the image is smaller) and a random flip, drawn from a per-sample seed so that
-    any
-    step can be replayed (exact resume, any number of workers). Item (i, seed) -> image, label."""
+    any step can be replayed (exact resume, any number of workers).
+    Item (i, seed) -> image (3, crop, crop) float in [0, 1], label (crop, crop) long."""
 
     def __init__(self, base, side, crop, stride):
         self.base, self.side, self.crop, self.stride = base, side, crop, stride
@@ -147,7 +145,7 @@ class ProbeCrops(torch.utils.data.Dataset):
         i, seed = key
         g = np.random.default_rng(seed)
         item = self.base[i]
-        x = resize_for_teacher(item["image"], self.side, self.stride, 4096)  # (3, h, w)
+        x = resize_short_side(item["image"], self.side, self.stride, 4096)  # (3, h, w)
         y = torch.from_numpy(resize_labels(item["label"], x.shape[1:]).astype(np.int64))
         c = self.crop
         pad = (0, max(0, c - x.shape[2]), 0, max(0, c - x.shape[1]))
@@ -164,71 +162,63 @@ def probe_batches(n_items, batch, seed, start):
     step = start
     while True:
         g = np.random.default_rng([seed, step])
-        yield list(
-            zip(g.integers(n_items, size=batch).tolist(), g.integers(2**31, size=batch).tolist())
-        )
+        yield list(zip(g.integers(n_items, size=batch).tolist(),
+                       g.integers(2**31, size=batch).tolist()))
         step += 1
 
 
-def read_or_none(path, what):
-    """A memory or probe file, or None when it is absent. One that cannot be read (a truncated
-    write, a full disk) is reported in one line and recomputed: it is only a cache."""
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        print(f"{what}: {path} is unreadable ({type(e).__name__}); computing it again")
-        return None
+@dataclass
+class ProbeOutcome:
+    """Where linear_probe stopped: the step reached, whether that is all its iterations, and then
+    the val confusion matrix (K, K) int64 (None while unfinished)."""
+    step: int
+    finished: bool
+    confusion: np.ndarray | None
 
 
-def linear_probe(args, embed, stride, label, ident, device, train, val, K):
-    """Train (continue, or reuse) the 1x1 classifier on frozen embeddings; the val confusion."""
-    key = hashlib.sha1(json.dumps(ident + [args.dataset, str(args.data_root), args.size,
-                                           args.crop_size, args.batch_size, args.probe_iters,
-                                           args.probe_lr, args.seed])
-                       .encode()).hexdigest()[:16]
-    path = Path(args.memory_dir) / f"probe_{label}_{args.dataset}_{key}.pt"
+def linear_probe(embed, stride, device, train, val, K, path, *, side, crop, batch, iters, lr,
+                 seed, save_every, stop_after, workers):
+    """Train the 1x1 classifier on frozen embeddings, continuing from `path` when it holds an
+    unfinished one (or reusing a finished one), and score it on val. Ctrl-C saves it and exits
+    with status 130.
+    embed: images (B, 3, h, w) in [0, 1] -> features (B, D, h/stride, w/stride); train, val:
+    SegDatasets with K classes; side: the images' short side; crop, batch, iters, lr, seed: the
+    probe's training; save_every: steps between saves; stop_after: save and stop after this many
+    steps of this call (0: never); workers: DataLoader processes."""
     D = embed(torch.zeros(1, 3, 4 * stride, 4 * stride, device=device)).shape[1]
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     clf = torch.nn.Conv2d(D, K, 1).to(device)
-    opt = torch.optim.SGD(clf.parameters(), lr=args.probe_lr, momentum=0.9)  # momentum: our choice
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (1 - min(s, args.probe_iters - 1) / args.probe_iters) ** 0.9
-    )
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9)  # momentum: our choice
+    sched = poly_schedule(opt, iters)
     step = 0
-    ck = read_or_none(path, "probe")
+    ck = read_cache(path, "probe")
     if ck is not None:
-        (
-            clf.load_state_dict(ck["classifier"]),
-            opt.load_state_dict(ck["optimizer"]),
-            sched.load_state_dict(ck["scheduler"]),
-        )
+        clf.load_state_dict(ck["classifier"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
         step = ck["step"]
-        print(f"probe: continuing {path} at step {step}/{args.probe_iters}")
-    crops = ProbeCrops(train, args.size, args.crop_size, stride)
-    loader = torch.utils.data.DataLoader(
-        crops,
-        batch_sampler=probe_batches(len(train), args.batch_size, args.seed, step),
-        num_workers=args.workers,
-    )
+        print(f"probe: continuing {path} at step {step}/{iters}")
+    loader = torch.utils.data.DataLoader(ProbeCrops(train, side, crop, stride),
+                                         batch_sampler=probe_batches(len(train), batch, seed, step),
+                                         num_workers=workers)
 
     def save():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"classifier": clf.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "step": step}, path)
-    if step < args.probe_iters:
-        bar, it, t0 = tqdm(total=args.probe_iters, initial=step,
-                           desc="linear probe"), iter(loader), time.perf_counter()
-        stop = min(args.probe_iters,
-                   step + args.stop_after) if args.stop_after else args.probe_iters
-        try:
+                     "scheduler": sched.state_dict(), "step": step}, path)
+
+    if step < iters:
+        stop = min(iters, step + stop_after) if stop_after else iters
+        bar = tqdm(total=iters, initial=step, desc="linear probe")
+        it, t0 = iter(loader), time.perf_counter()
+        with saved_on_interrupt(save, lambda: f"interrupted: probe saved at step {step} in {path}; "
+                                              "run the same command to continue"):
             while step < stop:
                 x, y = next(it)
                 with torch.no_grad():
                     feats = embed(x.to(device)).float()  # (B, D, h, w), frozen
                 logits = F.interpolate(clf(feats), size=y.shape[1:], mode="bilinear",
-                                       align_corners=False)
+                                       align_corners=False)  # (B, K, crop, crop)
                 loss = F.cross_entropy(logits, y.to(device), ignore_index=IGNORE)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -237,20 +227,17 @@ def linear_probe(args, embed, stride, label, ident, device, train, val, K):
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-                if step % args.save_every == 0 or step == stop:
+                if step % save_every == 0 or step == stop:
                     save()
-        except KeyboardInterrupt:
-            save()
-            sys.exit(f"interrupted: probe saved at step {step} in {path}; run the same command to "
-                     f"continue")
         bar.close()
-        print(f"probe: at step {step}/{args.probe_iters} after {time.perf_counter() - t0:.0f} s, "
-              f"saved to {path}")
-        if step < args.probe_iters:
-            sys.exit(0)  # --stop-after: the same command continues it
+        print(f"probe: at step {step}/{iters} after {time.perf_counter() - t0:.0f} s, saved to "
+              f"{path}")
+        if step < iters:
+            return ProbeOutcome(step, False, None)
     with torch.no_grad():  # the language-driven protocol, the probe in place of the text
-        return language_confusion(lambda x: clf(embed(x.to(device)).float()),
-                                  EvalImages(val, args.size, stride), K, desc="probe on val")
+        cm = language_confusion(lambda x: clf(embed(x.to(device)).float()),
+                                EvalImages(val, side, stride), K, desc="probe on val")
+    return ProbeOutcome(step, True, cm)
 
 
 def main(args):
@@ -258,8 +245,11 @@ def main(args):
     if bool(args.checkpoint) == bool(args.method):
         raise UserError("give either --checkpoint PATH or --method maskclip")
     # ---- model ----
-    embed_keys, stride, _, run = load_embedder(args, device)
-    args.size = args.size or (run["args"]["eval_size"] if run else None)  # a run's own test side
+    embed_keys, stride, _, run = load_embedder(device, args.checkpoint, clip=args.clip,
+                                               clip_pretrained=args.clip_pretrained,
+                                               clip_config=args.clip_config,
+                                               quick_gelu=args.quick_gelu, teacher=args.teacher)
+    size = args.size or (run["args"]["eval_size"] if run else None)  # a run's own test side
     embed = lambda x: embed_keys(x)[0]  # features only: (B, D, h, w)
     label = run["method"] if run else args.teacher
     ident = ([str(Path(args.checkpoint).resolve()), run["step"]] if run else
@@ -270,31 +260,38 @@ def main(args):
                        bad_files=args.bad_files)
     val = SegDataset(args.dataset, args.data_root, "val", background=True,
                      bad_files=args.bad_files)
-    names = [c.split(";")[0] for c in val.classes]
+    names = first_names(val.classes)
     K = len(names)
     n_train = min(len(train), args.limit_train) if args.limit_train else len(train)
     if args.probe:
-        cm = linear_probe(args, embed, stride, label, ident, device, train, val, K)
-        return report(args, cm, names, label, "linear probe")
+        key = cache_key(ident + [args.dataset, str(args.data_root), size, args.crop_size,
+                                 args.batch_size, args.probe_iters, args.probe_lr, args.seed])
+        probe = linear_probe(embed, stride, device, train, val, K,
+                             Path(args.memory_dir) / f"probe_{label}_{args.dataset}_{key}.pt",
+                             side=size or test_side(train), crop=args.crop_size,
+                             batch=args.batch_size, iters=args.probe_iters, lr=args.probe_lr,
+                             seed=args.seed, save_every=args.save_every,
+                             stop_after=args.stop_after, workers=args.workers)
+        if not probe.finished:
+            sys.exit(0)  # --stop-after: the same command continues it
+        return report(probe.confusion, names, label, "linear probe", args.dataset, args.json)
     # ---- memory of training segments (cached on disk) ----
-    protocol = [args.dataset, str(args.data_root), args.size, args.segments, args.kmeans_iters,
-                n_train]
+    setting = [args.dataset, str(args.data_root), size, args.segments, args.kmeans_iters, n_train]
     if args.kmeans_lambda != 1.0:  # a non-default protocol choice joins the key
-        protocol.append(args.kmeans_lambda)
+        setting.append(args.kmeans_lambda)
     if args.kmeans_at != "features":
-        protocol.append(args.kmeans_at)
-    key = hashlib.sha1(json.dumps(ident + protocol).encode()).hexdigest()[:16]
-    mem_file = Path(args.memory_dir) / f"{label}_{args.dataset}_{key}.pt"
+        setting.append(args.kmeans_at)
+    mem_file = Path(args.memory_dir) / f"{label}_{args.dataset}_{cache_key(ident + setting)}.pt"
     # one cut, the same protocol for training and validation images
     cut = lambda item: segments_and_labels(embed, item, args.segments, args.kmeans_iters, K,
                                            args.kmeans_lambda, args.kmeans_at)
-    cached = read_or_none(mem_file, "memory")
+    cached = read_cache(mem_file, "memory")
     if cached is not None:
         memory, mem_labels = cached
         print(f"memory: {len(memory)} segments from {mem_file}")
     else:
         rows, labs = [], []
-        data = EvalImages(train, args.size, stride)
+        data = EvalImages(train, size, stride)
         for i in tqdm(range(n_train), desc="training segments"):
             emb, lab, _ = cut(data[i])
             rows.append(emb[lab >= 0].half().cpu())
@@ -308,39 +305,32 @@ def main(args):
     # The segment ceiling: each validation segment painted with its own majority label, the best
     # any vote can do with these segments. k-NN below it: retrieval's loss; below 100: segments'.
     cm, ceiling = np.zeros((K, K), np.int64), np.zeros((K, K), np.int64)
-    data = EvalImages(val, args.size, stride)
+    data = EvalImages(val, size, stride)
     for i in tqdm(range(len(data)), desc="validation segments"):
         item = data[i]
         emb, own, ids = cut(item)
         pred = knn_vote(emb.float(), memory, mem_labels, args.k, K, args.chunk).cpu()[ids]  # (H, W)
         cm += confusion_matrix(pred.numpy(), item["label"].numpy(), K)
-        # -1: no labelled pixel
-        ceiling += confusion_matrix(own.clamp(min=0)[ids].numpy(), item["label"].numpy(), K)
-    return report(args, cm, names, label, "k-NN", ceiling)
+        own = own.clamp(min=0)  # -1: a segment without a labelled pixel, so never scored
+        ceiling += confusion_matrix(own[ids].numpy(), item["label"].numpy(), K)
+    return report(cm, names, label, "k-NN", args.dataset, args.json, ceiling)
 
 
-def report(args, cm, names, label, protocol, ceiling=None):
-    """Print ours (and on VOC the supplementary's k-NN numbers beside them), write --json. ceiling:
-    the confusion of the segment ceiling (k-NN only), reported as its mIoU, pAcc and mAcc."""
+def report(cm, names, label, protocol, dataset, json_path=None, ceiling=None):
+    """Print ours (and on VOC the supplementary's k-NN numbers beside them), write json_path.
+    protocol: "k-NN" or "linear probe"; ceiling: the confusion of the segment ceiling (k-NN only),
+    reported as its mIoU, pAcc and mAcc."""
     result = segmentation_metrics(cm, names)
     if ceiling is not None:
-        result["segment_ceiling"] = {
-            k: v for k, v in segmentation_metrics(ceiling, names).items() if k != "per_class"
-        }
-    paper = (
-        PAPER_VOC.get(label)
-        if args.dataset == "voc" and protocol == "k-NN" and len(names) == 21
-        else None
-    )
-    print(
-        "\n| method | protocol | mIoU | pAcc | mAcc |"
-        + (" paper pAcc | paper mAcc |" if paper else "")
-        + "\n|---|---|---|---|---|"
-        + ("---|---|" if paper else "")
-    )
+        result["segment_ceiling"] = {k: v for k, v in segmentation_metrics(ceiling, names).items()
+                                     if k != "per_class"}
+    on_voc = dataset == "voc" and protocol == "k-NN" and len(names) == 21
+    paper = PAPER_VOC.get(label) if on_voc else None
+    paper_head, paper_rule = (" paper pAcc | paper mAcc |", "---|---|") if paper else ("", "")
+    print(f"\n| method | protocol | mIoU | pAcc | mAcc |{paper_head}\n"
+          f"|---|---|---|---|---|{paper_rule}")
     print(f"| {label} | {protocol} | {result['mIoU']:.1f} | {result['pAcc']:.1f} | "
-          f"{result['mAcc']:.1f} |"
-          + (f" {paper[0][0]} | {paper[0][1] or '-'} |" if paper else ""))
+          f"{result['mAcc']:.1f} |" + (f" {paper[0][0]} | {paper[0][1] or '-'} |" if paper else ""))
     if ceiling is not None:
         c = result["segment_ceiling"]
         print(f"| {label} | segment ceiling | {c['mIoU']:.1f} | {c['pAcc']:.1f} | {c['mAcc']:.1f} |"
@@ -351,15 +341,10 @@ def report(args, cm, names, label, protocol, ceiling=None):
             print(f"| {n} | {'-' if v is None else f'{v:.1f}'} | {ref} |")
     else:
         print(per_class_line(result["per_class"]))
-    if args.json:
-        write_json(
-            args.json,
-            {
-                "method": label,
-                "protocol": "probe" if protocol == "linear probe" else "knn",
-                **result,
-            },
-        )
+    if json_path:
+        write_json(json_path, {"method": label,
+                               "protocol": "probe" if protocol == "linear probe" else "knn",
+                               **result})
     return result
 
 

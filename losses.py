@@ -6,6 +6,7 @@ Notation used in shape comments:
     K known classes, M unknown prototypes.
 """
 from collections import namedtuple
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -150,10 +151,10 @@ def embedding_consistency(zs, cs, kappa=10.0, form="nce"):
 # ----------------------------------------------------------------------------------------------
 def semantic_consistency(z, seg, pix, targets, prototypes, kappa, balance=0.0):
     """L_s = mean_p CE( kappa cos(z_p, P_j) over j, y_{s(p)} ): our per-pixel prediction over the
-    target prototypes P = [T; U'] agrees with CLIP's label y_s of the pixel's segment. Segments with
-    target -1 are left out; `balance` > 0 weighs the classes (class_balance). z (BV, D, h, w)
-    unit, pix (P,), targets (S,) long, prototypes (K+M, D) unit. seg None: targets (P,) are the
-    scored pixels' own labels (train.py --target-at pixel)."""
+    target prototypes P = [T; U'] agrees with CLIP's label y_s of the pixel's segment. Segments
+    with target -1 are left out; `balance` > 0 weighs the classes (class_balance).
+    z (BV, D, h, w) unit, pix (P,), targets (S,) long, prototypes (K+M, D) unit. seg None: targets
+    (P,) are the scored pixels' own labels (train.py --target-at pixel)."""
     D = z.shape[1]
     zp = z.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
     y = targets[seg.ids.reshape(-1)[pix]] if seg is not None else targets  # (P,)
@@ -189,18 +190,16 @@ class UnknownPrototypes(nn.Module):
         super().__init__()
         self.momentum, self.tau, self.scale, self.dead_after = momentum, tau, scale, dead_after
         self.register_buffer("protos", torch.zeros(num, dim))  # (M, D) image-space unit vectors
-        # steps since last assignment
-        self.register_buffer("idle", torch.zeros(num, dtype=torch.long))
+        self.register_buffer("idle", torch.zeros(num, dtype=torch.long))  # steps since assigned
         self.register_buffer("img_mean", torch.zeros(dim))
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def targets(self, cs, text):
         """CLIP's label of each segment: a known class when CLIP's softmax over the known names
-        (scale
-        100) reaches tau, else K + its nearest unknown prototype. cs (S, D), text (K, D) ->
-        targets (S,) long in [0, K+M) (-1 for unknown segments before the prototypes exist),
-        unknown (S,) bool."""
+        (at self.scale) reaches tau, else K + its nearest unknown prototype.
+        cs (S, D), text (K, D) -> targets (S,) long in [0, K+M) (-1 for unknown segments before
+        the prototypes exist), unknown (S,) bool."""
         prob = F.softmax(self.scale * cs @ text.T, dim=1)  # (S, K)
         conf, known = prob.max(dim=1)
         unknown = conf < self.tau
@@ -214,9 +213,8 @@ class UnknownPrototypes(nn.Module):
         """One mini-batch spherical k-means step with EMA on the unknown segments' c_s; prototypes
         idle for `dead_after` steps re-seeded from unknown segments; mean_img tracks all c_s."""
         m = self.momentum
-        self.img_mean.mul_(m if self.started else 0).add_(
-            cs.mean(0), alpha=1 - m if self.started else 1
-        )
+        self.img_mean.mul_(m if self.started else 0).add_(cs.mean(0),
+                                                          alpha=1 - m if self.started else 1)
         cu = cs[unknown]
         M = len(self.protos)
         if M == 0 or len(cu) == 0:
@@ -241,6 +239,16 @@ class UnknownPrototypes(nn.Module):
     def shifted(self, text):
         """The prototypes moved across the modality gap, for comparison with text: (M, D)."""
         return F.normalize(self.protos - self.img_mean + text.mean(0), dim=1)
+
+
+def restore_unknown(saved, tau, scale):
+    """A run's unknown prototypes from its checkpoint (`saved`: UnknownPrototypes' state dict) with
+    the rule it was trained with (tau, scale); None when it has none or they never started."""
+    if saved is None or saved["protos"].shape[0] == 0:
+        return None
+    unknown = UnknownPrototypes(*saved["protos"].shape, tau=tau, scale=scale)
+    unknown.load_state_dict(saved)
+    return unknown if bool(unknown.started) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,8 +384,8 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
     L_c pixel-segment contrastive (pixel_segment_contrastive), L_e embedding consistency between our
     segment embeddings z_s and CLIP's c_s (embedding_consistency), L_s semantic consistency over the
     known text prototypes and the shifted unknown prototypes (semantic_consistency). A weight of 0
-    skips its term. The unknown prototypes are not moved here: train.py updates them after the step
-    from the segments of every process (UnknownPrototypes.update).
+    skips its term. The unknown prototypes are not moved here: ClipS4Objective moves them after the
+    step from the segments of every process (UnknownPrototypes.update).
     Args:
         z (BV, D, h, w) unit, f's embeddings of the views (with gradient); seg Segments of z;
         regions (BV, h, w) superpixel ids, -1 = pad; pix (P,) flat indices of the scored pixels;
@@ -425,7 +433,7 @@ def concept_contrast_objective(z, seg, regions, pix, concepts, lambdas, kappa=10
     calls it L_s), L_v its global concepts (vector_quantization), L_o the co-occurrence of concepts
     (concept_cooccurrence; its L_c): one letter names one loss across this repo's methods.
     concepts Concepts; lambdas {"c", "v", "o"}. Returns (total, terms, zs (S, D) detached, codes
-    (S,)): train.py writes the last two into the memory bank after the step."""
+    (S,)): ConceptContrastObjective writes the last two into the memory bank after the step."""
     zs = segment_means(z, seg)  # (S, D)
     concepts.start(zs.detach())
     loss_v, codes = vector_quantization(zs, concepts, beta)
@@ -454,3 +462,151 @@ def pseudo_labels(source, text, regions):
     -1 where regions (BV, h, w) is -1 (outside the view). Returns (BV, h, w) long."""
     labels = torch.einsum("bdhw,kd->bkhw", source, text).argmax(dim=1)  # (BV, h, w)
     return labels.masked_fill(regions < 0, -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The objectives as a run holds them: one object per method, built once from the run's settings,
+# owning what it learns outside the gradient, and called at every step with tensors only
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StepLoss:
+    """What an objective returns at a step. total: the scalar back-propagated; terms: {letter:
+    unweighted loss}; stats: the numbers the log reads ({name: tensor or function}, read at log
+    time only, so a step does not wait on the GPU); target: (BV, h, w) long, the class each pixel
+    was taught (a known name, K + an unknown prototype, or -1), built only by an objective made
+    with keep_targets (training.FollowPixels), else None."""
+    total: torch.Tensor
+    terms: dict
+    stats: dict = field(default_factory=dict)
+    target: torch.Tensor | None = None
+
+
+def gather(x):
+    """Concatenate a tensor whose first dimension differs across processes (their segments); the
+    tensor itself in a single process."""
+    if not dist.is_initialized():
+        return x
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    most = int(max(sizes))
+    parts = [x.new_zeros((most, *x.shape[1:])) for _ in sizes]
+    dist.all_gather(parts, torch.cat([x, x.new_zeros((most - len(x), *x.shape[1:]))]))
+    return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
+
+
+class ClipS4Objective:
+    """CLIP-S4's L = lambda_c L_c + lambda_e L_e + lambda_s L_s (clip_s4_objective) with its state:
+    the unknown prototypes U, which L_s scores against [T; U'] and which are moved after each step
+    by one k-means step on the segments CLIP is unsure of, from every process (UnknownPrototypes).
+    text (K, D) unit: the known names; unknown: UnknownPrototypes, its rule's tau and scale set;
+    lambdas {"c", "e", "s"}; kappa, kappa_e, kappa_s: the scales of L_c, L_e, L_s (kappa_s
+    resolved: model.scale_or_clip); the rest as clip_s4_objective."""
+    taught = True  # reads the teacher's map
+
+    def __init__(self, text, unknown, lambdas, kappa=10.0, kappa_e=10.0, kappa_s=100.0,
+                 emb_form="nce", positives="region", balance=0.0, target_at="segment", views=2,
+                 keep_targets=False):
+        self.text, self.unknown, self.lambdas = text, unknown, lambdas
+        self.kappa, self.kappa_e, self.kappa_s = kappa, kappa_e, kappa_s
+        self.emb_form, self.positives, self.balance = emb_form, positives, balance
+        self.target_at, self.views, self.keep_targets = target_at, views, keep_targets
+
+    def state(self):
+        """What a checkpoint keeps of the objective: {name: module}."""
+        return {"unknown": self.unknown}
+
+    def extra_parameters(self):
+        """Parameters the optimizer moves besides f's: none."""
+        return []
+
+    def __call__(self, z, seg, regions, pix, clip_map, step=0):
+        """z (BV, D, h, w) f's unit embeddings (with gradient); seg Segments of z; regions (BV, h,
+        w); pix (P,); clip_map (BV, D, h, w) the teacher's unit map on the views. -> StepLoss."""
+        total, terms, cs, is_unknown = clip_s4_objective(
+            z, seg, regions, pix, clip_map, self.text, self.unknown, self.lambdas, self.kappa,
+            self.kappa_e, self.kappa_s, self.emb_form, self.views, self.positives, self.balance,
+            self.target_at)
+        target = self.taught_classes(seg, clip_map, cs) if self.keep_targets else None
+        self.unknown.update(gather(cs), gather(is_unknown))
+        return StepLoss(total, terms, {"unknown_share": is_unknown.float().mean()}, target)
+
+    def taught_classes(self, seg, clip_map, cs):
+        """L_s's label of every pixel, before the prototypes move: (BV, h, w) long. target_at
+        "segment": its segment's label y_s; "pixel": its own CLIP embedding's."""
+        if self.target_at == "pixel":
+            cp = clip_map.permute(0, 2, 3, 1).flatten(0, 2)  # (BV*h*w, D)
+            return self.unknown.targets(cp, self.text)[0].view(seg.ids.shape)
+        y = self.unknown.targets(cs, self.text)[0]  # (S,)
+        return torch.where(seg.ids >= 0, y[seg.ids.clamp(min=0)], -1)
+
+
+class MaskClipPlusObjective:
+    """MaskCLIP+ (maskclip_plus_objective): cross-entropy against the teacher's pseudo-labels until
+    step `self_train_from`, then against f's own (self-training). text (K, D), kappa the logit
+    scale (resolved), balance class_balance's power."""
+    taught = True
+
+    def __init__(self, text, kappa, self_train_from, balance=0.0, keep_targets=False):
+        self.text, self.kappa, self.self_train_from = text, kappa, self_train_from
+        self.balance, self.keep_targets = balance, keep_targets
+
+    def state(self):
+        return {}
+
+    def extra_parameters(self):
+        return []
+
+    def __call__(self, z, seg, regions, pix, clip_map, step=0):
+        self_training = step >= self.self_train_from
+        total, terms = maskclip_plus_objective(z, clip_map, regions, self.text, self.kappa,
+                                               self_training, self.balance)
+        target = None
+        if self.keep_targets:  # the labels it was taught (pseudo_labels again)
+            target = pseudo_labels(z.detach() if self_training else clip_map, self.text, regions)
+        return StepLoss(total, terms, {}, target)
+
+
+class SegSortObjective:
+    """SegSort, L = lambda_c L_c with no teacher (segsort_objective)."""
+    taught = False
+
+    def __init__(self, lambda_c=1.0, kappa=10.0, positives="region", views=2):
+        self.lambda_c, self.kappa, self.positives, self.views = lambda_c, kappa, positives, views
+
+    def state(self):
+        return {}
+
+    def extra_parameters(self):
+        return []
+
+    def __call__(self, z, seg, regions, pix, clip_map=None, step=0):
+        total, terms = segsort_objective(z, seg, regions, pix, self.lambda_c, self.kappa,
+                                         self.views, self.positives)
+        return StepLoss(total, terms)
+
+
+class ConceptContrastObjective:
+    """ConceptContrast's L = lambda_c L_c + lambda_v L_v + lambda_o L_o, no teacher
+    (concept_contrast_objective), with its state: the codebook (a parameter the optimizer moves,
+    outside f) and the memory bank, written after each step from every process's segments."""
+    taught = False
+
+    def __init__(self, concepts, lambdas, kappa=10.0, beta=0.25, rule="image", positives="region",
+                 views=2):
+        self.concepts, self.lambdas, self.kappa, self.beta = concepts, lambdas, kappa, beta
+        self.rule, self.positives, self.views = rule, positives, views
+
+    def state(self):
+        return {"concepts": self.concepts}
+
+    def extra_parameters(self):
+        """The codebook: moved by SGD beside f (training.optimizer_for), outside DDP's module."""
+        return [self.concepts.weight]
+
+    def __call__(self, z, seg, regions, pix, clip_map=None, step=0):
+        total, terms, zs, codes = concept_contrast_objective(
+            z, seg, regions, pix, self.concepts, self.lambdas, self.kappa, self.beta, self.rule,
+            self.views, self.positives)
+        self.concepts.remember(gather(zs), gather(codes))
+        return StepLoss(total, terms, {"codes_used": lambda: torch.unique(codes).numel()})

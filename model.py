@@ -6,14 +6,14 @@ Notation used in shape comments (defined once, as in docs/method.md):
     S prompt rows (one per class synonym), L tokens of a prompt.
 
 Public API (loading a CLIP: clip_loading.py):
-    MaskCLIP(clip, info)                    -> the teacher: .dense(), .text_prototypes()
+    ClipTeacher(clip, info)                    -> the teacher: .dense(), .text_prototypes()
     class_scores(), prompt_denoising(), key_smoothing()  -> class scores, MaskCLIP's refinements
     PixelEmbedder(dim, backbone)            -> the pixel-embedding network f
-    load_run(path), load_embedder(args)     -> a trained run, or what a script scores pixels with
+    load_run(path), load_embedder(device, ...) -> a trained run, or what a script scores pixels
+                                            with
 """
-import hashlib
-import json
 import os
+from collections import namedtuple
 from pathlib import Path
 
 import open_clip
@@ -24,7 +24,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from clip_loading import TEACHERS, load_clip
-from data import UserError, atomic_save
+from files import UserError, atomic_save, cache_key, read_cache
 
 PROMPTS = Path(__file__).with_name("prompts.txt")
 # --templates: MaskCLIP's 85 (the paper's) or the 80 OpenAI ImageNet templates the peers use
@@ -94,8 +94,8 @@ def last_block_attention(last, t, y, h, w, teacher):
     B, N, C = y.shape
     H = attn.num_heads
     qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3 width)
-    # (B, N, width) -> (B, H, N, c) each
-    q, k, v = (z.reshape(B, N, H, C // H).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+    heads = lambda t: t.reshape(B, N, H, C // H).transpose(1, 2)  # (B, N, width) -> (B, H, N, c)
+    q, k, v = (heads(t) for t in qkv.chunk(3, dim=-1))
     s = (C // H) ** -0.5
     if teacher == "sclip":
         a = (s * q @ q.transpose(-1, -2)).softmax(-1) + (s * k @ k.transpose(-1, -2)).softmax(-1)
@@ -213,10 +213,11 @@ def encode_text_fast(clip, tokens, batch_size=128):
 # ----------------------------------------------------------------------------------------------
 # The teacher
 # ----------------------------------------------------------------------------------------------
-class MaskCLIP(nn.Module):
-    """The frozen CLIP teacher: MaskCLIP dense features in CLIP's joint space plus text prototypes.
-    Unlike a plain CLIP it keeps the spatial map: one unit vector per patch, no global pooling.
-    teacher: maskclip (the paper's), or sclip, clearclip, naclip (ViTs; last_block_attention)."""
+class ClipTeacher(nn.Module):
+    """The frozen CLIP teacher: dense features in CLIP's joint space plus text prototypes. Unlike a
+    plain CLIP it keeps the spatial map: one unit vector per patch, no global pooling.
+    teacher: how the dense map is read, maskclip (the paper's, MaskCLIP's), or sclip, clearclip,
+    naclip (ViTs; last_block_attention)."""
 
     def __init__(self, clip, info, teacher="maskclip"):
         super().__init__()
@@ -261,7 +262,7 @@ class MaskCLIP(nn.Module):
     @torch.no_grad()
     def text_prototypes(self, class_names, templates=None, cache_dir=CACHE_DIR, batch_size=128):
         """One unit vector per class synonym: the normalised mean of its normalised template
-        embeddings.
+        embeddings (the text encoder's output for each template filled with the synonym).
         Args:
             class_names: list of names, each may hold ';'-separated synonyms.
             templates: list of '{}' templates (default: the 85 of prompts.txt).
@@ -271,16 +272,12 @@ class MaskCLIP(nn.Module):
             protos (S, D) fp32 unit norm, owner (S,) long: the class index of each row."""
         classes = parse_class_names(class_names)
         templates = templates or read_templates()
-        key = hashlib.sha1(json.dumps([self.info["name"], weights_id(self.info), templates,
-                                       classes])
-                           .encode()).hexdigest()[:16]
+        key = cache_key([self.info["name"], weights_id(self.info), templates, classes])
         file = Path(cache_dir) / f"text_{key}.pt" if cache_dir else None
-        if key not in self._text_cache and file is not None and file.is_file():
-            try:
-                self._text_cache[key] = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as e:  # a truncated write: it is only a cache, so compute it again
-                print(f"text prototypes: {file} is unreadable ({type(e).__name__}); computing "
-                      f"them again")
+        if key not in self._text_cache and file is not None:
+            cached = read_cache(file, "text prototypes")
+            if cached is not None:
+                self._text_cache[key] = cached
         if key not in self._text_cache:
             names = [s for c in classes for s in c]
             prompts = [t.format(s) for s in names for t in templates]
@@ -300,10 +297,14 @@ def class_embeddings(teacher, names):
     """One unit text embedding per class, (K, D): the normalised sum of its synonyms' prototypes.
     The fixed classifier of L_s and MaskCLIP+ (train.py) and the class points of visualize.py."""
     protos, owner = teacher.text_prototypes(names)
-    return F.normalize(
-        torch.zeros(len(names), protos.shape[1], device=protos.device).index_add_(0, owner, protos),
-        dim=1,
-    )
+    sums = torch.zeros(len(names), protos.shape[1], device=protos.device)
+    return F.normalize(sums.index_add_(0, owner, protos), dim=1)
+
+
+def scale_or_clip(value, clip):
+    """A scale flag's value (--kappa-s, --unknown-scale), or for 0 the CLIP's own logit scale,
+    exp(logit_scale): 100 for OpenAI's CLIPs, the paper's value."""
+    return value or float(clip.logit_scale.exp())
 
 
 def weights_id(info):
@@ -372,15 +373,15 @@ def add_refine_args(p):
                    help="PAMR neighbour rings, in input pixels (NACLIP's 8 16, at VOC's 448 px)")
 
 
-def refiner(args):
-    """The --refine post-process as evaluate.py and segment.py call it, or None."""
-    if args.refine == "none":
+def refiner(refine="none", iters=10, dilations=(8, 16)):
+    """The --refine post-process as evaluate.py and segment.py call it, (image, scores) -> scores,
+    or None for "none"."""
+    if refine == "none":
         return None
-    if args.pamr_iters < 0 or min(args.pamr_dilations) < 1:
-        raise UserError(f"--pamr-iters {args.pamr_iters} --pamr-dilations "
-                        f"{' '.join(map(str, args.pamr_dilations))}: iterations >= 0, dilations "
-                        f">= 1")
-    return lambda image, scores: pamr(image, scores, args.pamr_iters, args.pamr_dilations)
+    if iters < 0 or min(dilations) < 1:
+        raise UserError(f"--pamr-iters {iters} --pamr-dilations {' '.join(map(str, dilations))}: "
+                        f"iterations >= 0, dilations >= 1")
+    return lambda image, scores: pamr(image, scores, iters, dilations)
 
 
 def ring_neighbours(x, dilations):
@@ -438,9 +439,8 @@ def dilated_resnet(name, weights="auto"):
     if name not in ctor:
         raise UserError(f"--backbone {name}: choose from {', '.join(ctor)}")
     bottleneck = name != "resnet18"
-    net = ctor[name](
-        weights=None, replace_stride_with_dilation=[False, True, True] if bottleneck else None
-    )
+    net = ctor[name](weights=None,
+                     replace_stride_with_dilation=[False, True, True] if bottleneck else None)
     if not bottleneck:
         for layer, d in ((net.layer3, 2), (net.layer4, 4)):
             for i, block in enumerate(layer):
@@ -548,28 +548,31 @@ def load_run(path, device="cpu"):
     f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a["aspp_rates"],
                       GRID_SHIFT[a["grid"]])
     f.load_state_dict(ck["model"])
-    return f.to(device).eval(), MaskCLIP(clip, info, a["teacher"]).to(device), ck
+    return f.to(device).eval(), ClipTeacher(clip, info, a["teacher"]).to(device), ck
 
 
 def pick_device(name):
     """'auto' (CUDA when present), 'cpu' or 'cuda' -> torch.device; 'cuda' and no GPU: UserError."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
-    return torch.device(
-        "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
 
 
-def load_embedder(args, device, with_keys=False):
-    """What scores pixels in the scripts: a trained run (--checkpoint) or the frozen teacher alone
-    (--clip, --clip-pretrained, --clip-config, --quick-gelu).
-    Returns (embed, stride, teacher, run): embed maps images (B, 3, H, W) in [0, 1] to (unit
-    features (B, D, h, w), keys or None); the teacher always provides the text prototypes; run is
-    the checkpoint dict, or None for the teacher."""
-    if getattr(args, "checkpoint", None):
-        f, teacher, run = load_run(args.checkpoint, device)
-        return (lambda x: (f(x.to(device)), None)), f.stride, teacher, run
-    teacher = MaskCLIP(*load_clip(args.clip, args.clip_pretrained, args.clip_config,
-                                  args.quick_gelu, device), getattr(args, "teacher", "maskclip"))
-    return (lambda x: teacher.dense(x.to(device),
-                                    with_keys=with_keys)), teacher.stride, teacher.to(device), None
+Embedder = namedtuple("Embedder", "embed stride teacher run")
+Embedder.__doc__ = """What scores pixels in the scripts (load_embedder): embed maps images (B, 3, H,
+W) in [0, 1] to (unit features (B, D, h, w), keys (B, Dk, h, w) or None); stride its grid's; the
+teacher always provides the text prototypes; run the checkpoint dict, or None for the teacher."""
+
+
+def load_embedder(device, checkpoint=None, clip="ViT-B-16", clip_pretrained="openai",
+                  clip_config=None, quick_gelu="auto", teacher="maskclip", with_keys=False):
+    """A trained run (`checkpoint`: f, with the teacher it was trained with) or the frozen teacher
+    alone (the CLIP flags and --teacher), as an Embedder. with_keys: the teacher's keys too (key
+    smoothing); a trained f has none."""
+    if checkpoint:
+        f, run_teacher, run = load_run(checkpoint, device)
+        return Embedder(lambda x: (f(x.to(device)), None), f.stride, run_teacher, run)
+    t = ClipTeacher(*load_clip(clip, clip_pretrained, clip_config, quick_gelu, device), teacher)
+    t = t.to(device)
+    return Embedder(lambda x: t.dense(x.to(device), with_keys=with_keys), t.stride, t, None)

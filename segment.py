@@ -11,7 +11,7 @@ Real CLIP (weights fetched by open_clip once, or a local file):
 A trained CLIP-S4 run instead of the teacher:
     python segment.py photo.jpg --classes sky grass egg --checkpoint runs/voc_vit16/ckpt.pt
 Tiny CPU setting, seconds, no downloads (after `python toy.py`, see README):
-    python segment.py data/toy/JPEGImages/val_0000.png --classes sky grass water road \
+    python segment.py data/toy/JPEGImages/val_0011.png --classes sky grass water road \
         --clip-config data/toy/toyclip.json --clip-pretrained data/toy/toyclip.pt --size 64
 """
 import argparse
@@ -24,18 +24,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (UserError, atomic_save, list_images, load_image, palette, resize_for_teacher,
-                  resize_labels, save_label_png)
+from data import list_images, load_image, palette, resize_short_side, resize_labels, save_label_png
+from files import UserError, atomic_save
 from clip_loading import add_clip_args, resolve_clip_args
 from model import (CACHE_DIR, add_refine_args, class_scores, key_smoothing, load_embedder,
                    parse_class_names, pick_device, prompt_denoising, refiner)
+
+TEST_SIDE = 448  # the short side the model sees by default: MaskCLIP's for 224-px CLIPs
 
 
 def label_shares(labels, num_classes):
     """Fraction of pixels of each class: (H, W) ints -> (K,) float64 summing to 1."""
     counts = np.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]
     return counts / max(1, counts.sum())
-
 
 
 def draw_overlay(img, labels, names, colours, shares=None, alpha=0.55, max_side=1600, min_side=320):
@@ -47,11 +48,10 @@ def draw_overlay(img, labels, names, colours, shares=None, alpha=0.55, max_side=
     H, W = labels.shape
     scale = min(max_side / max(H, W), max(1.0, min_side / min(H, W)))
     size = (max(1, round(W * scale)), max(1, round(H * scale)))
-    img = np.asarray(Image.fromarray(img).resize(size,
-                                                 Image.NEAREST if scale > 1 else Image.BILINEAR))
+    resample = Image.NEAREST if scale > 1 else Image.BILINEAR
+    img = np.asarray(Image.fromarray(img).resize(size, resample))
     labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST))
-    # (h, w, 3) at display size
-    tint = (img * (1 - alpha) + colours[labels] * alpha).astype(np.uint8)
+    tint = (img * (1 - alpha) + colours[labels] * alpha).astype(np.uint8)  # (h, w, 3), display size
     pics = [Image.fromarray(a) for a in (img, tint)]
     font = ImageFont.load_default(size=16)
     rows = [n + (f"  {100 * s:.1f}%" if shares is not None else "") for n, s in
@@ -60,11 +60,8 @@ def draw_overlay(img, labels, names, colours, shares=None, alpha=0.55, max_side=
     per_col = max(1, min(len(rows), (max(size[1], 240) - 2 * pad) // row_h))
     col_w = pad + 18 + pad + max(int(font.getlength(r)) for r in rows)
     n_cols = -(-len(rows) // per_col)
-    canvas = Image.new(
-        "RGB",
-        (2 * size[0] + gap + n_cols * col_w + pad, max(size[1], 2 * pad + per_col * row_h)),
-        (255, 255, 255),
-    )
+    canvas = Image.new("RGB", (2 * size[0] + gap + n_cols * col_w + pad,
+                               max(size[1], 2 * pad + per_col * row_h)), (255, 255, 255))
     canvas.paste(pics[0], (0, 0))
     canvas.paste(pics[1], (size[0] + gap, 0))
     draw = ImageDraw.Draw(canvas)
@@ -79,34 +76,24 @@ def draw_overlay(img, labels, names, colours, shares=None, alpha=0.55, max_side=
     return canvas
 
 
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
-    p.add_argument(
-        "--classes",
-        nargs="*",
-        default=None,
-        required=True,
-        help="class names; ';' joins synonyms scored by their best match ('tv monitor;television')",
-    )
+    p.add_argument("--classes", nargs="*", default=None, required=True,
+                   help="class names; ';' joins synonyms scored by their best match "
+                   "('tv monitor;television')")
     # Model
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="a train.py checkpoint (CLIP-S4, MaskCLIP+, SegSort-only); its CLIP comes with it",
-    )
+    p.add_argument("--checkpoint", default=None,
+                   help="a train.py checkpoint (CLIP-S4, MaskCLIP+, SegSort-only); its CLIP comes "
+                   "with it")
     add_clip_args(p)
     p.add_argument("--size", type=int, default=None,
                    help="short side the model sees (default 448, MaskCLIP's for 224-px CLIPs; a "
                         "checkpoint's own --eval-size; a tiny CLIP needs its own)")
-    p.add_argument(
-        "--max-side",
-        type=int,
-        default=1344,
-        help="cap on the teacher's long side, so very wide or huge images cannot blow memory",
-    )
+    p.add_argument("--max-side", type=int, default=1344,
+                   help="cap on the teacher's long side, so very wide or huge images cannot blow "
+                   "memory")
     p.add_argument("--key-smoothing", action="store_true",
                    help="MaskCLIP refinement: smooth scores by key similarity")
     p.add_argument("--ks-thresh", type=float, default=1.0,
@@ -129,21 +116,25 @@ def get_args(argv=None):
 
 
 @torch.no_grad()
-def segment_image(embed, stride, img, protos, owner, num_classes, args):
+def segment_image(embed, stride, img, protos, owner, num_classes, size, max_side, pd_thresh=None,
+                  ks_thresh=None, refine=None):
     """img (H, W, 3) uint8 -> labels (H, W) uint8, class indices in [0, K).
-    embed: images (1, 3, h', w') in [0, 1] -> (unit features (1, D, h, w), keys or None)."""
-    x = resize_for_teacher(img, args.size, stride, args.max_side)[None]  # (1, 3, h', w')
+    embed: images (1, 3, h', w') in [0, 1] -> (unit features (1, D, h, w), keys or None);
+    protos, owner: the teacher's text prototypes (S, D) and each row's class (S,);
+    size, max_side: the short side the model sees and the cap on its long side;
+    pd_thresh, ks_thresh: prompt denoising, key smoothing at that threshold (None: off);
+    refine: model.refiner's post-process, (image, scores) -> scores, or None."""
+    x = resize_short_side(img, size, stride, max_side)[None]  # (1, 3, h', w')
     feats, keys = embed(x)  # (1, D, h, w)
     scores = class_scores(feats, protos, owner, num_classes)  # (1, K, h, w)
-    if args.prompt_denoising:
-        scores = prompt_denoising(scores, args.pd_thresh)
-    if args.key_smoothing:
-        scores = key_smoothing(scores, keys, args.ks_thresh)
+    if pd_thresh is not None:
+        scores = prompt_denoising(scores, pd_thresh)
+    if ks_thresh is not None:
+        scores = key_smoothing(scores, keys, ks_thresh)
     # Upsample the scores to the teacher's input size only, then the labels (not the K score maps)
     # to the original size: a 6000 x 4000 photo never holds K full-size float maps.
-    # (1, K, h', w')
-    scores = F.interpolate(scores, size=x.shape[2:], mode="bilinear", align_corners=False)
-    refine = refiner(args)
+    scores = F.interpolate(scores, size=x.shape[2:], mode="bilinear",
+                           align_corners=False)  # (1, K, h', w')
     if refine is not None:  # on the teacher's input image, before the labels are resized
         scores = refine(x.to(scores.device), scores)
     labels = scores[0].argmax(dim=0).to(torch.uint8).cpu().numpy()  # (h', w')
@@ -174,39 +165,38 @@ def main(args):
     device = pick_device(args.device)
     print(f"device: {device} | {len(paths)} image(s) | classes: {', '.join(names)}")
 
-    # ---- model: the frozen CLIP teacher, or a trained run (which brings its own teacher for
-    # the text) ----
+    # ---- model: the frozen CLIP teacher, or a trained run with the teacher for the text ----
     t0 = time.perf_counter()
-    if args.checkpoint:
-        args.key_smoothing = False  # keys belong to the teacher's last layer, not to f
-    embed, stride, teacher, run = load_embedder(args, device, with_keys=args.key_smoothing)
-    args.size = args.size or (run["args"]["eval_size"] if run else None) or 448
-    info = teacher.info
+    key_smoothing = args.key_smoothing and not args.checkpoint  # keys: the teacher's, f has none
+    embed, stride, teacher, run = load_embedder(device, args.checkpoint, clip=args.clip,
+                                                clip_pretrained=args.clip_pretrained,
+                                                clip_config=args.clip_config,
+                                                quick_gelu=args.quick_gelu, teacher=args.teacher,
+                                                with_keys=key_smoothing)
+    size = args.size or (run["args"]["eval_size"] if run else None) or TEST_SIDE
     t1 = time.perf_counter()
     protos, owner = teacher.text_prototypes(args.classes, cache_dir=args.cache_dir or None)
     t2 = time.perf_counter()
-    print(
-        f"model build {t1 - t0:.1f} s | text prototypes {t2 - t1:.1f} s "
-        f"({len(protos)} prompts rows x 85 templates) | weights: {info['weights'] or 'random init'}"
-    )
+    print(f"model build {t1 - t0:.1f} s | text prototypes {t2 - t1:.1f} s ({len(protos)} prompts "
+          f"rows x 85 templates) | weights: {teacher.info['weights'] or 'random init'}")
 
     # ---- loop: segment, save, report ----
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     colours = palette(len(names))
+    refine = refiner(args.refine, args.pamr_iters, args.pamr_dilations)
     for p in paths:
         t = time.perf_counter()
         img = load_image(p)
-        labels = segment_image(embed, stride, img, protos, owner, len(names), args)
+        labels = segment_image(embed, stride, img, protos, owner, len(names), size, args.max_side,
+                               args.pd_thresh if args.prompt_denoising else None,
+                               args.ks_thresh if key_smoothing else None, refine)
         shares = label_shares(labels, len(names))
         save_label_png(out / f"{p.stem}_labels.png", labels, colours)
         atomic_save(draw_overlay(img, labels, names, colours, shares),
                     out / f"{p.stem}_overlay.png")
-        top = ", ".join(
-            f"{n} {100 * s:.1f}%"
-            for n, s in sorted(zip(names, shares), key=lambda a: -a[1])
-            if s > 0
-        )
+        top = ", ".join(f"{n} {100 * s:.1f}%"
+                        for n, s in sorted(zip(names, shares), key=lambda a: -a[1]) if s > 0)
         print(f"{p.name} ({img.shape[1]}x{img.shape[0]}) {1000 * (time.perf_counter() - t):.0f} "
               f"ms | {top}")
     print(f"wrote {2 * len(paths)} PNGs to {out}")

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import (UserError, atomic_save, confusion_matrix, load_image,
-                  segmentation_metrics)
+from data import EvalImages, SegDataset, load_image
+from files import UserError, atomic_save
+from metrics import language_confusion, segmentation_metrics
 from clip_loading import load_clip
-from model import IMAGENET_MEAN, IMAGENET_STD, MaskCLIP
+from model import IMAGENET_MEAN, IMAGENET_STD, ClipTeacher, class_scores
 from toyworld import make_scene, make_world, write_world
 
 # ----------------------------------------------------------------------------------------------
@@ -45,8 +46,7 @@ def toyclip_config(size, tiny=False, pool="avg", layers=4, width=96):
     w = 64 if tiny else width
     return {"embed_dim": 64, "quick_gelu": False,
             "vision_cfg": {"image_size": size, "layers": 2 if tiny else layers, "width": w,
-                           "patch_size": 8,
-                           "head_width": 32, "pool_type": pool},
+                           "patch_size": 8, "head_width": 32, "pool_type": pool},
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": w, "heads": w // 32,
                          "layers": 2}}
 
@@ -55,9 +55,8 @@ def load_split(root, split):
     """All images of a toy split as one uint8 tensor (N, 3, S, S), labels (N, S, S) and ids."""
     ids = (Path(root) / "ImageSets/Segmentation" / f"{split}.txt").read_text().split()
     imgs = np.stack([load_image(Path(root) / "JPEGImages" / f"{i}.png") for i in ids])
-    labs = np.stack(
-        [np.asarray(Image.open(Path(root) / "SegmentationClass" / f"{i}.png")) for i in ids]
-    )
+    labs = np.stack([np.asarray(Image.open(Path(root) / "SegmentationClass" / f"{i}.png"))
+                     for i in ids])
     return torch.from_numpy(imgs).permute(0, 3, 1, 2), torch.from_numpy(labs), ids  # NHWC -> NCHW
 
 
@@ -83,24 +82,19 @@ def fit(step_loss, images, opt, sched, steps, batch_size, seed, desc):
     return losses
 
 
-def pretrain_clip(clip, images, captions, args):
+def pretrain_clip(clip, name, images, captions, args):
     """Contrastive pretraining on (image, caption) pairs: AdamW, warm-up + cosine, random flips.
-    images (N, 3, S, S) uint8, captions N strings. Returns the loss of each step."""
+    name: the open_clip name of the CLIP (its tokenizer); images (N, 3, S, S) uint8, captions N
+    strings. Returns the loss of each step."""
     clip.train().requires_grad_(True)
-    tokens = open_clip.get_tokenizer(args.clip_name)(captions)  # (N, 32)
+    tokens = open_clip.get_tokenizer(name)(captions)  # (N, 32)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(clip.parameters(), lr=args.lr, weight_decay=0.1)
-    warm = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warm)
-            * 0.5
-            * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
-        ),
-    )
+    warm, T = max(1, args.steps // 20), args.steps
+    lr_at = lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, T) / T))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
     def clip_loss(x, idx, g):
         img_f, txt_f, scale = clip((x - mean) / std, tokens[idx])[:3]
@@ -124,15 +118,15 @@ def tagged_scenes(world, n, size, seed, closeup=0.3, objects=0.2):
         img, lab, _, _ = make_scene(rng, size, closeup, objects, world)
         imgs.append(img)
         tags.append(np.bincount(lab.reshape(-1), minlength=256)[:K] / lab.size >= 0.01)
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1,
-                                                    2), torch.from_numpy(np.stack(tags)).float()
+    images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)  # NHWC -> NCHW
+    return images, torch.from_numpy(np.stack(tags)).float()
 
 
 def imagenet_normalise(x):
     """Images in [0, 1] normalised as f normalises its input (model.PixelEmbedder)."""
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
-        1, 3, 1, 1
-    )
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def pretrain_backbone(images, tags, args):
@@ -144,9 +138,8 @@ def pretrain_backbone(images, tags, args):
     torch.manual_seed(args.seed)  # the same weights whether or not the toy CLIP was trained first
     net = torchvision.models.resnet18(num_classes=tags.shape[1])
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.backbone_steps))
-    )
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * s / args.backbone_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
 
     def tag_loss(x, idx, g):
         dy, dx = torch.randint(-4, 5, (2,), generator=g).tolist()  # one shift per batch, edges wrap
@@ -180,18 +173,14 @@ def retrieval_accuracy(teacher, images, captions):
 
 
 @torch.no_grad()
-def maskclip_miou(teacher, images, labels, names, size):
-    """Language-driven MaskCLIP readout of toy val: per pixel the nearest class prototype."""
+def maskclip_miou(teacher, base, size):
+    """The teacher's language-driven readout of a toy split (SegDataset) at short side `size`, as
+    evaluate.py scores it: per pixel the class of the nearest text prototype. Returns
+    metrics.segmentation_metrics' dict."""
+    names = base.classes
     protos, owner = teacher.text_prototypes(names, cache_dir=None)
-    K = len(names)
-    cm = np.zeros((K, K), np.int64)
-    for x, y in zip(images.split(64), labels.split(64)):
-        x = F.interpolate(x.float().div(255), size=(size, size), mode="bilinear",
-                          align_corners=False)
-        feats, _ = teacher.dense(x)  # (B, D, h, w)
-        scores = torch.einsum("bdhw,sd->bshw", feats, protos)  # (B, K, h, w)
-        scores = F.interpolate(scores, size=y.shape[1:], mode="bilinear", align_corners=False)
-        cm += confusion_matrix(scores.argmax(dim=1).cpu().numpy(), y.numpy(), K)
+    scores_of = lambda x: class_scores(teacher.dense(x)[0], protos, owner, len(names))
+    cm = language_confusion(scores_of, EvalImages(base, size, teacher.stride), len(names))
     return segmentation_metrics(cm, names)
 
 
@@ -268,7 +257,7 @@ def world_and_clip(args, world, root, t0):
     captions = write_world(root, world, args.n_train, args.n_val, args.size, args.seed,
                            args.closeup, args.objects, lambda it, **kw: tqdm(it, leave=False, **kw))
     train_x, _, train_ids = load_split(root, "train")
-    val_x, val_y, val_ids = load_split(root, "val")
+    val_x, _, val_ids = load_split(root, "val")
     t1 = time.perf_counter()
     K = len(world.classes)
     print(f"wrote world {world.number}: {args.n_train} + {args.n_val} scenes of {K} classes "
@@ -277,18 +266,17 @@ def world_and_clip(args, world, root, t0):
     cfg = root / "toyclip.json"
     cfg.write_text(json.dumps(toyclip_config(args.size, args.tiny, args.pool, args.clip_layers,
                                              args.clip_width), indent=1))
-    clip, _ = load_clip(pretrained="none", config=cfg)
-    args.clip_name = cfg.stem
-    losses = pretrain_clip(clip, train_x, [captions[i] for i in train_ids], args)
+    clip, info = load_clip(pretrained="none", config=cfg)
+    losses = pretrain_clip(clip, info["name"], train_x, [captions[i] for i in train_ids], args)
     weights = root / "toyclip.pt"
     atomic_save(clip.state_dict(), weights)
     t2 = time.perf_counter()
     print(f"toy CLIP: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} in "
           f"{t2 - t1:.0f} s, saved {weights}")
     # ---- report: reload through the path every script uses, then score ----
-    teacher = MaskCLIP(*load_clip(pretrained=str(weights), config=cfg))
+    teacher = ClipTeacher(*load_clip(pretrained=str(weights), config=cfg))
     acc, chance = retrieval_accuracy(teacher, val_x, [captions[i] for i in val_ids])
-    m = maskclip_miou(teacher, val_x, val_y, world.classes, args.size)
+    m = maskclip_miou(teacher, SegDataset("toy", root, "val"), args.size)
     things = [m["per_class"][t] for t in world.things if m["per_class"][t] is not None]
     print(f"val image->caption top-1: {acc:.1f}% (chance {chance:.1f}%)")
     print(f"val MaskCLIP (dense readout) mIoU {m['mIoU']:.1f} | pAcc {m['pAcc']:.1f} | mAcc "

@@ -103,10 +103,11 @@ def make_world(number):
     thing_names = [str(n) for n in rng.choice(THING_POOL, size=6, replace=False)]
     shapes = rng.choice(SHAPES, size=6, replace=False)
     colours = list(COLOURS)
-    things = {n: (str(s), [str(c) for c in rng.choice(colours, size=rng.integers(1, 3),
-                                                      replace=False)],
-                  [str(h) for h in rng.choice(names, size=rng.integers(1, 3), replace=False)])
-              for n, s in zip(thing_names, shapes)}
+    things = {}
+    for n, s in zip(thing_names, shapes):
+        looks = rng.choice(colours, size=rng.integers(1, 3), replace=False)
+        habitats = rng.choice(names, size=rng.integers(1, 3), replace=False)
+        things[n] = (str(s), [str(c) for c in looks], [str(h) for h in habitats])
     lo = float(rng.uniform(0.1, 0.14))
     return World(number=number, stuff=stuff, things=things, top=names[0], grounds=names[1:6],
                  indoor=(names[6], names[7]), p_outdoor=float(rng.uniform(0.6, 0.85)),
@@ -147,9 +148,8 @@ def texture(spec, rng, H, W):
     elif pattern == "dots":  # light dots
         t[rng.random((H, W)) < 0.06] += a
     else:  # blotches: smooth low-frequency noise
-        coarse = rng.normal(0, 1, (5, 5))
-        blot = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((W, H),
-                                                                            Image.BILINEAR))
+        coarse = Image.fromarray(rng.normal(0, 1, (5, 5)).astype(np.float32))
+        blot = np.asarray(coarse.resize((W, H), Image.BILINEAR))
         t += blot[..., None] * a * tint
     return t
 
@@ -248,8 +248,8 @@ def make_scene(rng, S=64, closeup=0.0, objects=0.0, world=WORLD0):
         top, bottoms = world.indoor
         bottoms = [bottoms]
     x = np.arange(S)
-    horizon = rng.uniform(0.3, 0.6) * S + np.sin(
-        x / S * rng.uniform(2, 9) + rng.uniform(0, 6)) * rng.uniform(0, 4)
+    horizon = (rng.uniform(0.3, 0.6) * S
+               + np.sin(x / S * rng.uniform(2, 9) + rng.uniform(0, 6)) * rng.uniform(0, 4))
     yy = np.arange(S)[:, None]
     lab = np.full((S, S), classes.index(top), np.uint8)
     img = texture(world.stuff[top], rng, S, S)
@@ -264,8 +264,10 @@ def make_scene(rng, S=64, closeup=0.0, objects=0.0, world=WORLD0):
     colour_of = {}
     for name in things:
         zoom = 2.5 if photo else 2.0 if near else 1.0
-        where = (S / 2 + rng.normal(0, S / 10), S / 2 + rng.normal(0, S / 10)) if photo else (
-            habitat_spot(world, name, lab, rng))
+        if photo:  # near the middle
+            where = (S / 2 + rng.normal(0, S / 10), S / 2 + rng.normal(0, S / 10))
+        else:
+            where = habitat_spot(world, name, lab, rng)
         colour_of[name] = draw_thing(world, name, rng, img, thing_lab, classes.index(name) + 1,
                                      S, zoom, where)
     tl = np.asarray(thing_lab).astype(np.int32) - 1  # -1 = no thing

@@ -1,6 +1,6 @@
 """train.py: train the pixel-embedding network of CLIP-S4 without labels (or a baseline).
 
-The paper's setting (one V100 in the paper, about 5 h for 20k iterations; 1.1 h on an H100):
+The paper's setting (20k iterations; docs/benchmarks.md gives the time it takes):
     python train.py --dataset voc --data-root data/voc
 Class-free Pascal Context (fold 0's names withheld everywhere):
     python train.py --dataset context --data-root data/context --unknown-fold 0 \
@@ -27,14 +27,16 @@ import torch
 import torch.distributed as dist
 
 from clip_loading import add_clip_args, load_clip, resolve_clip_args, vision_stride
-from data import (CONTEXT_FOLDS, DATASETS, SMALL_SIDE, SegDataset, TwoViews, UserError,
-                  add_bad_files_arg)
-from losses import (Concepts, UnknownPrototypes, clip_s4_objective, concept_contrast_objective,
-                    kmeans_segments, maskclip_plus_objective, pixel_sample, pseudo_labels,
-                    regions_on_grid, segsort_objective)
-from model import ASPP_RATES, GRID_SHIFT, MaskCLIP, PixelEmbedder, class_embeddings
-from training import (FollowPixels, Phases, RunLog, TeacherCache, Validation, batches, gather,
-                      log_extras, optimizer_for, optimizer_step, resume, save_checkpoint,
+from data import (CONTEXT_FOLDS, DATASETS, SMALL_SIDE, SegDataset, TwoViews, add_bad_files_arg,
+                  first_names)
+from files import UserError
+from losses import (ClipS4Objective, Concepts, ConceptContrastObjective, MaskClipPlusObjective,
+                    SegSortObjective, UnknownPrototypes, kmeans_segments, pixel_sample,
+                    regions_on_grid)
+from model import (ASPP_RATES, GRID_SHIFT, ClipTeacher, PixelEmbedder, class_embeddings,
+                   scale_or_clip)
+from training import (FollowPixels, Phases, RunLog, TeacherCache, Validation, batches, log_extras,
+                      optimizer_for, optimizer_step, resume, save_checkpoint, saved_on_interrupt,
                       setup_distributed, trim_log)
 
 # Per-dataset defaults, printed at start and kept in args.json; a flag given on the command line
@@ -45,7 +47,7 @@ from training import (FollowPixels, Phases, RunLog, TeacherCache, Validation, ba
 
 def small_image_recipe(side, stride):
     """The recipe for images of short side `side` < SMALL_SIDE seen by a teacher of patch `stride`
-    (docs/method.md, section 9b), sized to train in about 10 minutes on 2 CPU cores:
+    (docs/method.md, section 9b), sized to train in minutes on a laptop's CPU:
       --size       the images' own side rounded to the stride: the teacher sees them as they are;
       --crop-size  and --eval-size 1.5 x side (a multiple of 8): f's stride-8 grid 1.5x finer
                    than the side / 8 and the teacher's side / stride;
@@ -71,28 +73,26 @@ def small_image_recipe(side, stride):
                 batch_size=8, lr=0.01, warmup=20, unknown_protos=8, eval_every=50)
 
 
-def preset_for(first):
-    """The preset of a command line (parsed once without it): on --dataset toy the small-image
-    recipe of the toy world's images and CLIP, with f from the toy ImageNet weights toy.py wrote
-    next to the scenes; on --dataset folder the same recipe when the images are small; none
-    otherwise."""
-    root = first.data_root or f"data/{first.dataset}"
-    if first.dataset not in ("toy", "folder"):
+def dataset_preset(dataset, root, split, stride):
+    """The preset of a run on `dataset` read from `root`, with a teacher of patch `stride`: on toy
+    the small-image recipe of the toy world's images, with f from the toy ImageNet weights toy.py
+    wrote next to the scenes; on folder the same recipe when the images are small; none
+    otherwise. The step of get_args that reads files (the images' headers)."""
+    if dataset not in ("toy", "folder"):
         return {}
     try:
-        side = SegDataset(first.dataset, root, first.split).typical_side()
+        side = SegDataset(dataset, root, split).typical_side()
     except UserError:
         side = None
-    first = resolve_clip_args(argparse.Namespace(**vars(first)))
-    if first.dataset == "toy":
-        return {**small_image_recipe(side or 64, vision_stride(first)),
+    if dataset == "toy":
+        return {**small_image_recipe(side or 64, stride),
                 "backbone_weights": f"{root}/resnet18_toy.pt", "out_dir": "runs/toy"}
     if side is None or side >= SMALL_SIDE:
         return {}
-    return small_image_recipe(side, vision_stride(first))
+    return small_image_recipe(side, stride)
 
 
-def get_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     arg = p.add_argument
@@ -207,82 +207,76 @@ def get_args(argv=None):
     arg("--profile", action="store_true", help="print each phase's time per step (syncs CUDA)")
     arg("--device", choices=["auto", "cpu", "cuda"], default="auto")
     arg("--seed", type=int, default=0)
-    preset = preset_for(p.parse_known_args(argv)[0])
-    p.set_defaults(**preset)
+    return p
+
+
+def parse_command_line(argv=None, defaults=None):
+    """The command line over `defaults` (a preset), the CLIP flags completed (resolve_clip_args)
+    and the CLIP's files made absolute, so that the checkpoint finds its CLIP from anywhere.
+    Reads no file."""
+    p = parser()
+    p.set_defaults(**(defaults or {}))
     args = resolve_clip_args(p.parse_args(argv))
-    args.preset = {k: getattr(args, k) for k in preset if getattr(args, k) == p.get_default(k)}
+    for k in ("clip_config", "clip_pretrained"):
+        if getattr(args, k) and os.path.isfile(getattr(args, k)):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
     return args
 
 
-def split_names(classes, args):
-    """Known and withheld class names (the class-free setting): withheld ones appear nowhere in
-    training."""
-    withheld = list(args.unknown_classes)
-    if args.unknown_fold is not None:
-        if args.dataset != "context" or not 0 <= args.unknown_fold < len(CONTEXT_FOLDS):
+def get_args(argv=None):
+    """The run's flags: the command line, then the dataset's preset (dataset_preset) for every
+    flag it leaves unset (a flag given wins); args.preset holds the preset's values in use."""
+    first = parse_command_line(argv)
+    preset = dataset_preset(first.dataset, first.data_root or f"data/{first.dataset}",
+                            first.split, vision_stride(first.clip, first.clip_config))
+    args = parse_command_line(argv, preset)
+    args.preset = {k: v for k, v in preset.items() if getattr(args, k) == v}
+    return args
+
+
+def split_names(classes, dataset, unknown_classes=(), unknown_fold=None):
+    """Known and withheld class names (the class-free setting: --unknown-classes, or on Pascal
+    Context --unknown-fold's names): withheld ones appear nowhere in training."""
+    withheld = list(unknown_classes)
+    if unknown_fold is not None:
+        if dataset != "context" or not 0 <= unknown_fold < len(CONTEXT_FOLDS):
             raise UserError("--unknown-fold K takes 0-3 with --dataset context; elsewhere use "
                             "--unknown-classes")
-        withheld += CONTEXT_FOLDS[args.unknown_fold]
-    first = [c.split(";")[0] for c in classes]
+        withheld += CONTEXT_FOLDS[unknown_fold]
+    first = first_names(classes)
     missing = [n for n in withheld if n not in first]
     if missing:
-        raise UserError(f"--unknown-classes {missing}: not class names of {args.dataset} "
+        raise UserError(f"--unknown-classes {missing}: not class names of {dataset} "
                         f"({', '.join(first[:8])}, ...)")
     return [c for c, n in zip(classes, first) if n not in withheld], withheld
 
 
-TAUGHT = ("clip-s4", "maskclip+")  # the methods that learn from the teacher's maps
-
-
-def objective(args, step, z, seg, regions, pix, clip_map, text, unknown, concepts, kappa_s,
-              want_target=False):
-    """The run's objective, one function of losses.py per method: (total, terms, stats, target),
-    stats the numbers the log reads (tensors or functions, read at log time only: a step does not
-    wait on the GPU), target (BV, h, w) the class each pixel was taught, built only when
-    `want_target` (for FollowPixels; None otherwise and for untaught methods). State learned
-    outside the gradient is updated here from every process's segments: CLIP-S4's unknown
-    prototypes, ConceptContrast's memory bank."""
-    V = 2
+def build_objective(args, text, clip, device, keep_targets=False):
+    """The run's objective (losses.py), built once from its flags: --kappa-s and --unknown-scale
+    resolved here against the CLIP (0: its own logit scale, model.scale_or_clip). text (K, D):
+    the known names; keep_targets: also return the class each pixel was taught (FollowPixels)."""
+    kappa_s = scale_or_clip(args.kappa_s, clip)
     if args.method == "clip-s4":
+        unknown = UnknownPrototypes(args.unknown_protos, text.shape[1], tau=args.unknown_tau,
+                                    scale=scale_or_clip(args.unknown_scale, clip)).to(device)
         lambdas = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s}
-        loss, terms, cs, is_unknown = clip_s4_objective(
-            z, seg, regions, pix, clip_map, text, unknown, lambdas, args.kappa, args.kappa_e,
-            kappa_s, args.emb_loss, V, args.positives, args.balance, args.target_at)
-        target = None
-        if want_target and args.target_at == "pixel":  # L_s's labels, before the update
-            cp = clip_map.permute(0, 2, 3, 1).flatten(0, 2)  # (BV*h*w, D)
-            target = unknown.targets(cp, text)[0].view(seg.ids.shape)  # (BV, h, w)
-        elif want_target:  # each pixel takes its segment's label
-            y = unknown.targets(cs, text)[0]  # (S,)
-            target = torch.where(seg.ids >= 0, y[seg.ids.clamp(min=0)], -1)  # (BV, h, w)
-        unknown.update(gather(cs), gather(is_unknown))
-        return loss, terms, {"unknown_share": is_unknown.float().mean()}, target
-    if args.method == "conceptcontrast":
-        lambdas = {"c": args.lambda_c, "v": args.lambda_v, "o": args.lambda_o}
-        loss, terms, zs, codes = concept_contrast_objective(
-            z, seg, regions, pix, concepts, lambdas, args.kappa, args.beta, args.cooccur, V,
-            args.positives)
-        concepts.remember(gather(zs), gather(codes))
-        return loss, terms, {"codes_used": lambda: torch.unique(codes).numel()}, None
+        return ClipS4Objective(text, unknown, lambdas, args.kappa, args.kappa_e, kappa_s,
+                               args.emb_loss, args.positives, args.balance, args.target_at,
+                               keep_targets=keep_targets)
+    if args.method == "maskclip+":
+        return MaskClipPlusObjective(text, kappa_s, args.self_train_after * args.iters,
+                                     args.balance, keep_targets)
     if args.method == "segsort":
-        loss, terms = segsort_objective(z, seg, regions, pix, args.lambda_c, args.kappa, V,
-                                        args.positives)
-        return loss, terms, {}, None
-    self_training = step >= args.self_train_after * args.iters
-    loss, terms = maskclip_plus_objective(z, clip_map, regions, text, kappa_s, self_training,
-                                          args.balance)
-    target = (pseudo_labels(z.detach() if self_training else clip_map, text, regions)
-              if want_target else None)
-    return loss, terms, {}, target
+        return SegSortObjective(args.lambda_c, args.kappa, args.positives)
+    concepts = Concepts(args.codebook, text.shape[1], args.memory_bank).to(device)
+    lambdas = {"c": args.lambda_c, "v": args.lambda_v, "o": args.lambda_o}
+    return ConceptContrastObjective(concepts, lambdas, args.kappa, args.beta, args.cooccur,
+                                    args.positives)
 
 
 def open_run_folder(args, device, world, lead):
     """The run folder and its checkpoint paths; a finished or started run is never overwritten
-    without --resume. CLIP files are made absolute: the checkpoint finds its CLIP from anywhere.
-    The first process prints the dataset's preset and every flag of the run."""
-    for k in ("clip_config", "clip_pretrained"):
-        if getattr(args, k) and os.path.isfile(getattr(args, k)):
-            setattr(args, k, os.path.abspath(getattr(args, k)))
+    without --resume. The first process prints the dataset's preset and every flag of the run."""
     out = Path(args.out_dir)
     ckpt_path, prev_path = out / "ckpt.pt", out / "ckpt_prev.pt"
     if (ckpt_path.exists() or prev_path.exists()) and not args.resume:
@@ -297,64 +291,70 @@ def open_run_folder(args, device, world, lead):
 
 
 def main(args):
-    world, rank, device = setup_distributed(args)
+    world, rank, device = setup_distributed(args.device)
     lead = rank == 0  # only the first process writes and validates
     torch.manual_seed(args.seed)
     out, ckpt_path, prev_path = open_run_folder(args, device, world, lead)
 
-    # ---- data: the views, and the teacher's map of each source (none for untaught methods) ----
+    # ---- data: the views, and the teacher that maps each source ----
     base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names,
                       bad_files=args.bad_files)
-    known, withheld = split_names(base.classes, args)
+    known, withheld = split_names(base.classes, args.dataset, args.unknown_classes,
+                                  args.unknown_fold)
     clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu,
                            device)
-    teacher = MaskCLIP(clip, info, args.teacher).to(device)
+    teacher = ClipTeacher(clip, info, args.teacher).to(device)
     data = TwoViews(base, args.crop_size, args.size, teacher.stride, n_segments=args.superpixels,
                     cache_dir=args.superpixel_cache or out / "superpixels", seed=args.seed,
                     scale=args.view_scale, jitter=args.jitter, gray=args.grayscale)
-    teacher_maps = TeacherCache(teacher, args.teacher_cache) if args.method in TAUGHT else None
 
-    # ---- model: f, the known names' text prototypes, unknown prototypes, concepts ----
+    # ---- model: f, the known names' text prototypes, the objective and its state ----
     text = class_embeddings(teacher, known)  # (K, D)
-    D = text.shape[1]
-    kappa_s = args.kappa_s or float(clip.logit_scale.exp())
-    f = PixelEmbedder(D, args.backbone, args.backbone_weights, args.head_dim, args.aspp_rates,
-                      GRID_SHIFT[args.grid]).to(device)
+    f = PixelEmbedder(text.shape[1], args.backbone, args.backbone_weights, args.head_dim,
+                      args.aspp_rates, GRID_SHIFT[args.grid]).to(device)
     net = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f  # f: unwrapped
-    M = args.unknown_protos if args.method == "clip-s4" else 0
-    scale = args.unknown_scale or float(clip.logit_scale.exp())  # of the known-or-unknown rule
-    unknown = UnknownPrototypes(M, D, tau=args.unknown_tau, scale=scale).to(device)
-    concepts = (Concepts(args.codebook, D, args.memory_bank).to(device)
-                if args.method == "conceptcontrast" else None)
+    objective = build_objective(args, text, clip, device,
+                                keep_targets=lead and args.follow_pixels)
+    # the teacher's map of each source, for the methods that learn from it
+    teacher_maps = TeacherCache(teacher, args.teacher_cache) if objective.taught else None
+    follow = (FollowPixels(base.classes, known)
+              if lead and args.follow_pixels and objective.taught else None)
 
     # ---- optimizer ----
-    outside = [concepts.weight] if concepts is not None else []  # parameters DDP does not hold
-    opt, sched = optimizer_for(f, args, *outside)
+    outside = objective.extra_parameters()  # parameters DDP does not hold
+    opt, sched = optimizer_for(f, args.lr, args.momentum, args.weight_decay, args.warmup,
+                               args.iters, outside)
     amp = device.type == "cuda" and not args.no_amp
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    state = {"model": f, "unknown": unknown, "optimizer": opt, "scheduler": sched,
-             "scaler": scaler, **({"concepts": concepts} if concepts is not None else {})}
+    state = {"model": f, **objective.state(), "optimizer": opt, "scheduler": sched,
+             "scaler": scaler}
 
     # ---- resume: the newest readable checkpoint, with the run's own network flags ----
-    val = Validation(args, teacher, f.stride, device) if lead and args.eval_every else None
-    step = resume(args, out, state, device, val) if args.resume else 0
+    val = None
+    if lead and args.eval_every:
+        val_split = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names,
+                               bad_files=args.bad_files)
+        val = Validation(val_split, args.eval_images, args.eval_size, teacher, f.stride, device)
+    network = {"aspp_rates": args.aspp_rates, "grid": args.grid}
+    step = resume(out, state, device, network, val) if args.resume else 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         trim_log(out / "log.jsonl", step)
     run = {"args": vars(args), "clip": info, "classes": base.classes, "known": known,
-           "withheld": withheld, "dim": D, "method": args.method}  # what load_run reads back
+           "withheld": withheld, "dim": text.shape[1], "method": args.method}  # for load_run
     save = lambda: save_checkpoint(ckpt_path, prev_path, state, step, device,
                                    {**run, "best": val.best if val is not None else None})
 
     # ---- loop: views -> teacher -> f -> segments -> objective -> step ----
     f.train()
-    stream, phases = batches(data, args, step, rank, world), Phases(args.profile, device)
+    stream = batches(data, args.batch_size, args.seed, args.workers, step, rank, world)
+    phases = Phases(args.profile, device)
     stop = min(args.iters, step + args.stop_after) if args.stop_after else args.iters
-    log = RunLog(out / "log.jsonl", args) if lead else None
-    follow = (FollowPixels(base.classes, known)
-              if lead and args.follow_pixels and args.method in TAUGHT else None)
-    try:
+    log = RunLog(out / "log.jsonl", args.iters, args.log_every, args.eval_every,
+                 args.profile) if lead else None
+    interrupted = lambda: f"interrupted: saved step {step} to {ckpt_path}; add --resume to continue"
+    with saved_on_interrupt(save if lead else None, interrupted):
         while step < stop:
             phases("log+save")
             batch = next(stream)
@@ -373,24 +373,23 @@ def main(args):
                                   args.kmeans_iters, args.kmeans_lambda)
             pix = pixel_sample(seg, args.max_pixels)
             phases("kmeans")
-            loss, terms, stats, target = objective(args, step, z, seg, regions, pix, clip_map,
-                                                   text, unknown, concepts, kappa_s,
-                                                   want_target=follow is not None)
+            loss = objective(z, seg, regions, pix, clip_map, step)
             if follow is not None:  # where each class's pixels went (ground truth read here only)
                 gt = regions_on_grid(batch["labels"].flatten(0, 1), (h, w), args.grid).to(device)
                 teacher_label = torch.einsum("bdhw,kd->bkhw", clip_map, text).argmax(1)
                 f_label = torch.einsum("bdhw,kd->bkhw", z.detach(), text).argmax(1)
-                follow.add(gt, teacher_label, target, f_label)  # (BV, h, w) each
+                follow.add(gt, teacher_label, loss.target, f_label)  # (BV, h, w) each
             phases("losses")
-            if not torch.isfinite(loss):
-                sys.exit(f"step {step}: non-finite loss {({k: v.item() for k, v in terms.items()})}"
-                         f"; stopping, the last good checkpoint is {ckpt_path}")
-            optimizer_step(loss, opt, sched, scaler, world, outside)
+            if not torch.isfinite(loss.total):
+                sys.exit(f"step {step}: non-finite loss "
+                         f"{({k: v.item() for k, v in loss.terms.items()})}; stopping, the last "
+                         f"good checkpoint is {ckpt_path}")
+            optimizer_step(loss.total, opt, sched, scaler, world, outside)
             phases("backward")
             step += 1
             if lead and (step % args.log_every == 0 or step == args.iters):
-                log.train(step, stop, loss, terms, seg, log_extras(
-                    opt, phases, args.log_every, stats, device, teacher_maps, follow))
+                log.train(step, stop, loss.total, loss.terms, seg, log_extras(
+                    opt, phases, args.log_every, loss.stats, device, teacher_maps, follow))
             due = args.eval_every and (step % args.eval_every == 0 or step == stop)
             if due and val is not None:
                 t0 = time.perf_counter()
@@ -400,11 +399,6 @@ def main(args):
                 dist.barrier()  # the other processes wait while the first one validates
             if lead and (step % args.save_every == 0 or step == stop):
                 save()
-    except KeyboardInterrupt:
-        if lead:
-            save()
-        print(f"interrupted: saved step {step} to {ckpt_path}; add --resume to continue")
-        sys.exit(130)
     if lead:
         log.done(step, val, ckpt_path)
     if dist.is_initialized():

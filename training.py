@@ -3,23 +3,26 @@ teacher's maps (batched and cached), several processes, the optimizer, checkpoin
 validation while training, the log and the phase profile."""
 import json
 import os
+import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (EvalImages, SegDataset, UserError, atomic_save, collate, language_confusion,
-                  segmentation_metrics, test_side, warp)
+from data import EvalImages, collate, first_names, test_side, warp
+from files import UserError, atomic_save
+from metrics import language_confusion, segmentation_metrics
 from model import class_scores, pick_device, read_checkpoint
 
 
-def batches(data, args, start_step, rank=0, world=1):
-    """Endless batches in a seeded order per epoch; resuming at step s starts exactly at batch s.
-    With several processes, each step's global batch of world x --batch-size images is split
-    by rank."""
-    glob = args.batch_size * world
+def batches(data, batch_size, seed, workers, start_step=0, rank=0, world=1):
+    """Endless batches of `batch_size` images in a seeded order per epoch; resuming at step s
+    starts exactly at batch s. With several processes, each step's global batch of world x
+    batch_size images is split by rank."""
+    glob = batch_size * world
     per_epoch = len(data) // glob
     if per_epoch == 0:
         raise UserError(f"{len(data)} training images, fewer than {glob} per step")
@@ -27,11 +30,11 @@ def batches(data, args, start_step, rank=0, world=1):
     while True:
         epoch, offset = divmod(step, per_epoch)
         data.set_epoch(epoch)
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(len(data), generator=g)[offset * glob: per_epoch * glob]
-        order = order.view(-1, world, args.batch_size)[:, rank].flatten().tolist()
-        yield from torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order,
-                                               collate_fn=collate, num_workers=args.workers,
+        order = order.view(-1, world, batch_size)[:, rank].flatten().tolist()
+        yield from torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=order,
+                                               collate_fn=collate, num_workers=workers,
                                                drop_last=True)
         step = (epoch + 1) * per_epoch
 
@@ -77,11 +80,11 @@ class TeacherCache:
         return F.normalize(torch.cat(maps), dim=1)
 
 
-def setup_distributed(args):
+def setup_distributed(device_name="auto"):
     """(world size, rank, device) under torchrun (DistributedDataParallel; gloo on CPU, nccl on
-    CUDA), or (1, 0, device) for a single process."""
+    CUDA), or (1, 0, device) for a single process. device_name: --device (model.pick_device)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device(args.device)
+    device = pick_device(device_name)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda" and world > 1:
@@ -90,33 +93,38 @@ def setup_distributed(args):
     return world, rank, device
 
 
-def gather(x):
-    """Concatenate a tensor whose first dimension differs across processes (their segments)."""
-    if not dist.is_initialized():
-        return x
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    most = int(max(sizes))
-    parts = [x.new_zeros((most, *x.shape[1:])) for _ in sizes]
-    dist.all_gather(parts, torch.cat([x, x.new_zeros((most - len(x), *x.shape[1:]))]))
-    return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
-
-
-def optimizer_for(f, args, codebook=None):
-    """SGD with the new layers (ASPP, head) at 10x the learning rate, and ConceptContrast's codebook
-    there too, without weight decay [choice]; linear warm-up, then poly decay (power 0.9) to zero
-    at --iters."""
+def optimizer_for(f, lr, momentum, weight_decay, warmup, iters, extra=()):
+    """SGD with the new layers (ASPP, head) at 10x the learning rate, and the objective's own
+    parameters (`extra`: ConceptContrast's codebook) there too, without weight decay [choice];
+    the schedule of poly_schedule. Returns (optimizer, scheduler)."""
     head = {id(p) for p in f.head_parameters()}
-    groups = [{"params": [p for p in f.parameters() if id(p) not in head], "lr": args.lr},
-              {"params": f.head_parameters(), "lr": 10 * args.lr}]
-    if codebook is not None:
-        groups.append({"params": [codebook], "lr": 10 * args.lr, "weight_decay": 0.0})
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
-    poly = lambda s: (min(1.0, (s + 1) / max(1, args.warmup))
-                      * (1 - min(s, args.iters - 1) / args.iters) ** 0.9)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, poly)
+    groups = [{"params": [p for p in f.parameters() if id(p) not in head], "lr": lr},
+              {"params": f.head_parameters(), "lr": 10 * lr}]
+    if extra:
+        groups.append({"params": list(extra), "lr": 10 * lr, "weight_decay": 0.0})
+    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return opt, poly_schedule(opt, iters, warmup)
+
+
+def poly_schedule(opt, iters, warmup=0):
+    """The learning rate of step s, a factor of the base rate: linear warm-up over `warmup` steps,
+    then poly decay (power 0.9) to zero at `iters` (DeepLab's):
+        lr_s = lr min(1, (s + 1) / warmup) (1 - min(s, iters - 1) / iters)^0.9."""
+    poly = lambda s: min(1.0, (s + 1) / max(1, warmup)) * (1 - min(s, iters - 1) / iters) ** 0.9
+    return torch.optim.lr_scheduler.LambdaLR(opt, poly)
+
+
+@contextmanager
+def saved_on_interrupt(save, message):
+    """Ctrl-C inside the block: save() (None: this process saves nothing), print message() (how
+    to continue) and exit with status 130. train.py's loop and knn.py's probe run inside one."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if save is not None:
+            save()
+        print(message())
+        sys.exit(130)
 
 
 def optimizer_step(loss, opt, sched, scaler, world=1, outside=()):
@@ -149,13 +157,15 @@ def read_resume(out):
     return None
 
 
-def restore(ck, args, state, device):
+def restore(ck, state, device, network, out):
     """Load a checkpoint into the run's modules and optimizer state (`state`: name -> object with
-    load_state_dict) and the random generators; the network flags must be the run's own."""
-    for k in ("aspp_rates", "grid"):  # the same weight shapes, but another network
-        if ck["args"][k] != getattr(args, k):
-            raise UserError(f"{args.out_dir} was trained with --{k.replace('_', '-')} "
-                            f"{ck['args'][k]}: resume with the run's own flags")
+    load_state_dict) and the random generators. network: the flags that give the same weight
+    shapes but another network ({"aspp_rates": ..., "grid": ...}), which must be the run's own;
+    out: the run folder, for the message."""
+    for k, v in network.items():
+        if ck["args"][k] != v:
+            raise UserError(f"{out} was trained with --{k.replace('_', '-')} {ck['args'][k]}: "
+                            f"resume with the run's own flags")
     for name, obj in state.items():
         if ck.get(name):
             obj.load_state_dict(ck[name])
@@ -164,13 +174,13 @@ def restore(ck, args, state, device):
         torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
 
 
-def resume(args, out, state, device, val=None):
+def resume(out, state, device, network, val=None):
     """Continue the run in `out` from its newest readable checkpoint (read_resume, restore), the
     best validation score included; returns its step (0 when there is none yet)."""
     ck = read_resume(out)
     if ck is None:
         return 0
-    restore(ck, args, state, device)
+    restore(ck, state, device, network, out)
     if val is not None and ck.get("best"):
         val.best = ck["best"]
     print(f"resumed {out} at step {ck['step']}")
@@ -195,17 +205,16 @@ def trim_log(path, step):
 
 
 class Validation:
-    """Language-driven mIoU and pAcc of f on the first --eval-images val images during training,
-    beside the teacher's on the same images (scored once). The first process runs it alone."""
+    """Language-driven mIoU and pAcc of f on the first `n` images of `base` (the val split) during
+    training, beside the teacher's on the same images (scored once at the dataset's test side).
+    f sees them at `eval_size` (None: the same side). The first process runs it alone."""
 
-    def __init__(self, args, teacher, stride, device):
-        base = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names,
-                          bad_files=args.bad_files)
+    def __init__(self, base, n, eval_size, teacher, stride, device):
         side = test_side(base)
-        self.n, self.device, self.K = args.eval_images, device, len(base.classes)
-        self.names = [c.split(";")[0] for c in base.classes]
+        self.n, self.device, self.K = n, device, len(base.classes)
+        self.names = first_names(base.classes)
         self.protos, self.owner = teacher.text_prototypes(base.classes)
-        self.images = EvalImages(base, args.eval_size or side, stride)  # f's inputs
+        self.images = EvalImages(base, eval_size or side, stride)  # f's inputs
         self.teacher = self.score(lambda x: teacher.dense(x)[0],
                                   EvalImages(base, side, teacher.stride))
         share = self.teacher["gt_share"]
@@ -252,7 +261,7 @@ class FollowPixels:
     classes: the dataset's names; known: the names f is trained on (withheld ones score 0)."""
 
     def __init__(self, classes, known):
-        self.names = [c.split(";")[0] for c in classes]
+        self.names = first_names(classes)
         self.col = torch.tensor([known.index(c) if c in known else -1 for c in classes])
         self.counts = torch.zeros(4, len(classes), dtype=torch.long)  # gt, teacher, target, f
 
@@ -294,11 +303,14 @@ def hms(seconds):
 
 
 class RunLog:
-    """What a run prints and appends to log.jsonl: a line every --log-every steps (losses, lr,
-    segments, ms per step, ETA from the recent step times), the validation lines, a summary."""
+    """What a run prints and appends to log.jsonl: a line every `log_every` steps (losses, lr,
+    segments, ms per step, ETA from the recent step times), the validation lines (every
+    `eval_every` steps, 0: none), a summary; `profile`: each phase's time per step too."""
 
-    def __init__(self, path, args):
-        self.file, self.args = open(path, "a"), args
+    def __init__(self, path, iters, log_every, eval_every, profile=False):
+        self.file = open(path, "a")
+        self.iters, self.log_every, self.eval_every = iters, log_every, eval_every
+        self.profile = profile
         self.recent, self.eval_s = deque(maxlen=5), 0.0  # seconds per step of the last intervals
         self.t_start, self.t_last = time.time(), time.perf_counter()
 
@@ -308,13 +320,13 @@ class RunLog:
 
     def train(self, step, stop, loss, terms, seg, extra):
         now = time.perf_counter()
-        self.recent.append((now - self.t_last) / self.args.log_every)  # s per step
+        self.recent.append((now - self.t_last) / self.log_every)  # s per step
         self.t_last = now
-        evals_left = (stop - step) // self.args.eval_every if self.args.eval_every else 0
+        evals_left = (stop - step) // self.eval_every if self.eval_every else 0
         eta = sum(self.recent) / len(self.recent) * (stop - step) + evals_left * self.eval_s
         rec = {"step": step, "loss": loss.item(), **{f"L_{k}": v.item() for k, v in terms.items()},
                "segments": seg.count, "ms": 1000 * self.recent[-1], "eta_s": eta, **extra}
-        print(f"step {step}/{self.args.iters} | loss {rec['loss']:.3f} ("
+        print(f"step {step}/{self.iters} | loss {rec['loss']:.3f} ("
               + " ".join(f"{k} {v.item():.3f}" for k, v in terms.items())
               + f") | lr {rec['lr']:.2e} | {seg.count} segments"
               + (f" | unknown {100 * rec['unknown_share']:.0f}%" if "unknown_share" in rec else "")
@@ -324,7 +336,7 @@ class RunLog:
                  if rec.get("follow", {}).get("small_f") is not None else "")
               + (f" | GPU peak {rec['cuda_peak_gib']:.1f} GiB" if "cuda_peak_gib" in rec else "")
               + f" | {rec['ms']:.0f} ms | ETA {hms(eta)}", flush=True)
-        if self.args.profile:
+        if self.profile:
             print("  phases (ms/step): " + ", ".join(f"{k} {v:.0f}" for k, v in
                                                       rec["phases_ms"].items()))
         self.write(rec)
@@ -335,7 +347,7 @@ class RunLog:
         t = val.teacher
         small = (f" | small classes {r['small']:.1f} (teacher {t['small']:.1f})"
                  if r["small"] is not None and t["small"] is not None else "")
-        print(f"step {step}/{self.args.iters} | val mIoU {r['mIoU']:.1f} (teacher {t['mIoU']:.1f})"
+        print(f"step {step}/{self.iters} | val mIoU {r['mIoU']:.1f} (teacher {t['mIoU']:.1f})"
               f" | pAcc {r['pAcc']:.1f} (teacher {t['pAcc']:.1f}){small} | best "
               f"{val.best['mIoU']:.1f} at step {val.best['step']} | {seconds:.1f} s", flush=True)
         self.write({"step": step, "val_mIoU": r["mIoU"], "val_pAcc": r["pAcc"], "val_images": val.n,
@@ -346,7 +358,7 @@ class RunLog:
     def done(self, step, val, ckpt_path):
         best = (f" | best val mIoU {val.best['mIoU']:.1f} at step {val.best['step']} (teacher "
                 f"{val.teacher['mIoU']:.1f})" if val is not None and val.best["step"] else "")
-        print(f"done: step {step}/{self.args.iters} in {hms(time.time() - self.t_start)}{best} | "
+        print(f"done: step {step}/{self.iters} in {hms(time.time() - self.t_start)}{best} | "
               f"{ckpt_path}")
 
 

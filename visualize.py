@@ -18,6 +18,8 @@ Toy world on a CPU (about a minute; the teacher at 64 px, each run at its own --
 """
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +29,16 @@ from tqdm import tqdm
 
 import figures
 
-from data import (DATASETS, IGNORE, test_side, SegDataset, UserError, add_bad_files_arg,
-                  majority_labels, palette, resize_for_teacher)
-from losses import UnknownPrototypes, image_segments, segment_means
+from data import (DATASETS, IGNORE, SegDataset, add_bad_files_arg, first_names, palette,
+                  resize_short_side, test_side)
+from files import UserError
+from metrics import majority_labels
+from losses import UnknownPrototypes, image_segments, restore_unknown, segment_means
 from clip_loading import add_clip_args, load_clip, resolve_clip_args
-from model import DISPLAY_NAMES, MaskCLIP, class_embeddings, class_scores, load_run, pick_device
+from model import (DISPLAY_NAMES, ClipTeacher, class_embeddings, class_scores, load_run,
+                   pick_device, scale_or_clip)
+
+MAX_SIDE = 2048  # the long side of any image a method sees is capped here (resize_short_side)
 
 
 def get_args(argv=None):
@@ -96,77 +103,106 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Methods: what each column of the figures is
 # ----------------------------------------------------------------------------------------------
-def load_methods(args, device, names, side):
-    """A list of dicts: label, embed (images -> unit features), stride, size, teacher, text (K, D)
-    of the dataset's names, known (names given in training), unknown (UnknownPrototypes or None)."""
+@dataclass(eq=False)  # methods compare by identity (main finds the reference run by it)
+class Method:
+    """One column of the figures.
+    label: its title; embed: images (1, 3, h, w) float in [0, 1] -> unit features (1, D, h', w');
+    stride: embed's grid stride; size: the short side its images are resized to; teacher: the
+    ClipTeacher whose text it is scored against; text (K, D): the dataset's class embeddings;
+    known: the names given in training; trained: a train.py run (not the teacher alone);
+    unknown: the run's UnknownPrototypes, or None; unknown_text (K', D): the run's own known names,
+    the text side of its unknown rule (None without unknown prototypes)."""
+    label: str
+    embed: Callable
+    stride: int
+    size: int
+    teacher: ClipTeacher
+    text: torch.Tensor
+    known: list
+    trained: bool
+    unknown: UnknownPrototypes | None = None
+    unknown_text: torch.Tensor | None = None
+
+
+def teacher_features(teacher):
+    """The teacher as a Method's embed: its unit dense features alone (ClipTeacher.dense's keys
+    dropped)."""
+    return lambda x: teacher.dense(x)[0]
+
+
+def load_methods(args, device, classes, side):
+    """The Methods to draw, in column order: the teacher alone (--method maskclip) first, then each
+    --checkpoint. classes: the dataset's names (synonyms joined by ';'); side: its test side
+    (data.test_side), the size of the methods that bring none of their own."""
     if not args.method and not args.checkpoint:
         raise UserError("give --method maskclip and/or --checkpoint PATH [PATH ...]")
     if len(args.checkpoint) > 3:
         raise UserError(f"--checkpoint: at most three, got {len(args.checkpoint)}")
-    methods = []  # side: the dataset's test side (data.test_side)
-    for path in args.checkpoint:
-        f, teacher, run = load_run(path, device)
-        unknown = None
-        if run["method"] == "clip-s4" and run["unknown"]["protos"].shape[0] > 0:
-            a = run["args"]  # the rule of training: its tau, and its scale (0: CLIP's own)
-            unknown = UnknownPrototypes(
-                *run["unknown"]["protos"].shape,
-                tau=a["unknown_tau"],
-                scale=a["unknown_scale"] or float(teacher.clip.logit_scale.exp()),
-            )
-            unknown.load_state_dict(run["unknown"])
-            unknown = unknown if bool(unknown.started) else None
-        size = args.size or run["args"]["eval_size"] or side
-        methods.append(dict(label=DISPLAY_NAMES.get(run["method"], run["method"]), embed=f,
-                            stride=f.stride, size=size, teacher=teacher,
-                            known=[c.split(";")[0] for c in run["known"]], unknown=unknown,
-                            trained=True))
-        if unknown is not None:  # the text side of the modality-gap shift, as in training
-            methods[-1]["unknown_text"] = class_embeddings(teacher, run["known"])
+    runs = [load_run(path, device) for path in args.checkpoint]  # (f, its teacher, checkpoint)
+    defaults = [DISPLAY_NAMES.get(run["method"], run["method"]) for *_, run in runs]
+    if args.method:  # the teacher alone: the first run's, else the one the CLIP flags name
+        if runs:
+            teacher = runs[0][1]
+        else:
+            clip = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu,
+                             device)
+            teacher = ClipTeacher(*clip, args.teacher).to(device)
+        defaults.insert(0, DISPLAY_NAMES[teacher.info["teacher"]])
+    labels = args.labels or defaults
+    if len(labels) != len(defaults):
+        raise UserError(f"--labels: {len(labels)} names for {len(defaults)} methods")
+    # a label that several methods share is numbered: "CLIP-S4 #1", "CLIP-S4 #2"
+    labels = iter([label + (f" #{labels[:j].count(label) + 1}" if labels.count(label) > 1 else "")
+                   for j, label in enumerate(labels)])
+    methods = []
     if args.method:
-        teacher = methods[0]["teacher"] if methods else MaskCLIP(*load_clip(
-            args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu, device),
-            args.teacher).to(device)
-        known = [n for n in names if n not in args.unknown_classes]
-        name = DISPLAY_NAMES[teacher.info["teacher"]]
-        methods.insert(0, dict(label=name, embed=teacher.dense, stride=teacher.stride,
-                               size=args.teacher_size or side, teacher=teacher, known=known,
-                               unknown=None, trained=False))
-    labels = args.labels or [m["label"] for m in methods]
-    if len(labels) != len(methods):
-        raise UserError(f"--labels: {len(labels)} names for {len(methods)} methods")
-    for j, (m, label) in enumerate(zip(methods, labels)):
-        m["label"] = label + (f" #{labels[:j].count(label) + 1}" if labels.count(label) > 1 else "")
-        m["text"] = class_embeddings(m["teacher"], names)
+        methods.append(Method(label=next(labels), embed=teacher_features(teacher),
+                              stride=teacher.stride, size=args.teacher_size or side,
+                              teacher=teacher, text=class_embeddings(teacher, classes),
+                              known=[n for n in first_names(classes)
+                                     if n not in args.unknown_classes],
+                              trained=False))
+    for f, teacher, run in runs:
+        a = run["args"]  # the unknown rule of training: its tau, and its scale (0: the CLIP's own)
+        unknown = None
+        if run["method"] == "clip-s4":
+            unknown = restore_unknown(run["unknown"], a["unknown_tau"],
+                                      scale_or_clip(a["unknown_scale"], teacher.clip))
+        # the text side of the modality-gap shift: the run's own known names, as in training
+        unknown_text = None if unknown is None else class_embeddings(teacher, run["known"])
+        methods.append(Method(label=next(labels), embed=f, stride=f.stride,
+                              size=args.size or a["eval_size"] or side, teacher=teacher,
+                              text=class_embeddings(teacher, classes),
+                              known=first_names(run["known"]), trained=True, unknown=unknown,
+                              unknown_text=unknown_text))
     return methods
 
 
 @torch.no_grad()
 def features(m, img):
-    """Unit pixel embeddings of one uint8 image (H, W, 3) for method m: (D, h, w) on the CPU."""
-    x = resize_for_teacher(img, m["size"], m["stride"], 2048)[None].to(m["teacher"].device)
-    out = m["embed"](x)
-    return (out[0] if isinstance(out, tuple) else out)[0].float().cpu()
+    """Unit pixel embeddings of one uint8 image (H, W, 3) for Method m: (D, h, w) fp32, CPU."""
+    x = resize_short_side(img, m.size, m.stride, MAX_SIDE)[None].to(m.teacher.device)
+    return m.embed(x)[0].float().cpu()  # (1, D, h, w) -> (D, h, w)
 
 
-def assign_unknown(m, p, known_idx, rule, tau):
-    """Which segments method m leaves to no known name, and the unknown prototype of each.
-    CLIP-S4 runs, rule "clip" (training's rule, losses.UnknownPrototypes.targets): CLIP's segment
-    embedding c_s is unknown when its softmax over the known names is below the run's tau, and goes
-    to its nearest prototype. Rule "student": the network's own segment embedding against
-    [known text ; shifted prototypes], as in L_s. Other methods: their segment embedding's softmax
-    (scale 100) over the known names below `tau`.
+def assign_unknown(m, p, known_idx, rule, tau, scale=100.0):
+    """Which segments Method m leaves to no known name, and the unknown prototype of each (p: its
+    EmbeddingPass). CLIP-S4 runs, rule "clip" (training's rule, losses.UnknownPrototypes.targets):
+    CLIP's segment embedding c_s is unknown when its softmax over the known names is below the
+    run's tau, and goes to its nearest prototype. Rule "student": the network's own segment
+    embedding against [known text ; shifted prototypes], as in L_s. Other methods: their segment
+    embedding's softmax (at `scale`) over the known names below `tau`.
     Returns unknown (S,) bool, prototype (S,) long (-1 for known), score (S,) for ordering."""
-    if m["unknown"] is None:
-        conf = F.softmax(100 * p["emb"] @ m["text"].cpu()[known_idx].T, dim=1).amax(1)
+    if m.unknown is None:
+        conf = F.softmax(scale * p.emb @ m.text.cpu()[known_idx].T, dim=1).amax(1)  # (S,)
         return conf < tau, torch.full_like(conf, -1, dtype=torch.long), -conf
-    u, text = m["unknown"], m["unknown_text"].cpu()  # the run's own known names, as in training
+    u, text = m.unknown, m.unknown_text.cpu()  # the run's own known names, as in training
     if rule == "clip":
-        targets, unknown = u.targets(p["cs"], text)
+        targets, unknown = u.targets(p.cs, text)
         proto = torch.where(unknown, targets - len(text), -1)
-        score = (p["cs"] @ u.protos.T).amax(1)
+        score = (p.cs @ u.protos.T).amax(1)  # (S, M) -> (S,)
     else:
-        score, j = (p["emb"] @ torch.cat([text, u.shifted(text)]).T).max(1)
+        score, j = (p.emb @ torch.cat([text, u.shifted(text)]).T).max(1)  # (S, K' + M) -> (S,)
         unknown = j >= len(text)
         proto = torch.where(unknown, j - len(text), -1)
     return unknown, proto, score
@@ -187,8 +223,8 @@ def qualitative_panels(methods, base, picks, class_names, dataset_names):
         if n in class_names:
             remap[j] = class_names.index(n)
     has_gt = any(n in class_names for n in dataset_names)
-    cols = ["image"] + (["ground truth"] if has_gt else []) + [m["label"] for m in methods]
-    text = [m["teacher"].text_prototypes(class_names) for m in methods]  # (protos, owner) each
+    cols = ["image"] + (["ground truth"] if has_gt else []) + [m.label for m in methods]
+    text = [m.teacher.text_prototypes(class_names) for m in methods]  # (protos, owner) each
     rows = []
     for i in tqdm(picks, desc="Fig. 1"):
         item = base[i]
@@ -196,8 +232,8 @@ def qualitative_panels(methods, base, picks, class_names, dataset_names):
         panels = [img] + ([colours[remap[item["label"]]]] if has_gt else [])
         for m, (protos, owner) in zip(methods, text):
             scores = class_scores(features(m, img)[None].to(protos.device), protos, owner, K)
-            pred = F.interpolate(scores, size=(H, W), mode="bilinear",
-                                 align_corners=False)[0].argmax(0).cpu()
+            scores = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)
+            pred = scores[0].argmax(0).cpu()  # (K, H, W) -> (H, W)
             panels.append(colours[pred.numpy()])
         rows.append(panels)
     return rows, cols, colours
@@ -206,43 +242,52 @@ def qualitative_panels(methods, base, picks, class_names, dataset_names):
 # ----------------------------------------------------------------------------------------------
 # The embedding pass (Figs. 2-4): class means, segments, patches
 # ----------------------------------------------------------------------------------------------
-def embedding_pass(methods, base, idx, args, K):
-    """For each method: per-class mean pixel embedding (K, D) (zero where a class is absent; counts
-    (K,)), and its segments: embeddings (S, D), majority ground-truth class (S,) (-1: unlabelled),
-    patches (S, 48, 48, 3), and for CLIP-S4 runs CLIP's embedding of each segment, cs (S, D)."""
+@dataclass(eq=False)
+class EmbeddingPass:
+    """What one method's embedding pass holds. means (K, D): per-class mean pixel embedding, unit
+    (zero where a class is absent), counts (K,) its pixels; per segment: emb (S, D) unit embedding,
+    gt (S,) long majority ground-truth class (-1: unlabelled), patches (S, 48, 48, 3) uint8, and cs
+    (S, D) CLIP's embedding of the segment (runs with unknown prototypes; None for the others)."""
+    means: torch.Tensor
+    counts: torch.Tensor
+    emb: torch.Tensor
+    gt: torch.Tensor
+    patches: np.ndarray
+    cs: torch.Tensor | None
+
+
+def embedding_pass(methods, base, idx, K, segments, teacher_side):
+    """One EmbeddingPass per method over the images `idx` of base (K classes): `segments` k-means
+    segments per image (losses.image_segments); CLIP's segment embeddings are read from the teacher
+    at short side `teacher_side`."""
     out = []
     for m in methods:
-        D = m["text"].shape[1]
+        D = m.text.shape[1]
         sums, counts = torch.zeros(K + 1, D), torch.zeros(K + 1)
         embs, gts, patches, cs = [], [], [], []
-        for i in tqdm(idx, desc=f"embeddings: {m['label']}"):
+        for i in tqdm(idx, desc=f"embeddings: {m.label}"):
             item = base[i]
             feats = features(m, item["image"])  # (D, h, w)
-            lab = torch.from_numpy(item["label"]).long()
-            small = F.interpolate(lab[None, None].float(), size=feats.shape[1:], mode="nearest")[
-                0, 0
-            ].long()
+            lab = torch.from_numpy(item["label"]).long()  # (H, W)
+            small = F.interpolate(lab[None, None].float(), size=feats.shape[1:], mode="nearest")
+            small = small[0, 0].long()  # (h, w)
             small = torch.where(small == IGNORE, K, small).flatten()  # ignore -> row K
             sums.index_add_(0, small, feats.flatten(1).T)
             counts += torch.bincount(small, minlength=K + 1).float()
-            seg, emb = image_segments(feats[None], args.segments, 20)
-            # CLIP's embedding of the same segments, c_s (training's rule)
-            if m["unknown"] is not None:
-                x = resize_for_teacher(item["image"],
-                                       args.teacher_size or test_side(base),
-                                      m["teacher"].stride, 2048)
-                clip_map = m["teacher"].dense(x[None])[0].float().cpu()
+            seg, emb = image_segments(feats[None], segments)
+            if m.unknown is not None:  # CLIP's embedding of the same segments, c_s (training's)
+                x = resize_short_side(item["image"], teacher_side, m.teacher.stride, MAX_SIDE)
+                clip_map = m.teacher.dense(x[None])[0].float().cpu()  # (1, D, h', w')
                 clip_map = F.interpolate(clip_map, size=feats.shape[1:], mode="bilinear",
-                                         align_corners=False)
+                                         align_corners=False)  # (1, D, h, w)
                 cs.append(segment_means(clip_map, seg))
             gt, ids = majority_labels(seg.ids[0], lab, K, seg.count)
             gts.append(gt)
             embs.append(emb)
-            patches += [figures.thumbnail(item["image"], ids.numpy(), s)
-                        for s in range(seg.count)]
-        out.append(dict(means=F.normalize(sums[:K], dim=1), counts=counts[:K], emb=torch.cat(embs),
-                        gt=torch.cat(gts), patches=np.stack(patches),
-                        cs=torch.cat(cs) if cs else None))
+            patches += [figures.thumbnail(item["image"], ids.numpy(), s) for s in range(seg.count)]
+        out.append(EmbeddingPass(means=F.normalize(sums[:K], dim=1), counts=counts[:K],
+                                 emb=torch.cat(embs), gt=torch.cat(gts), patches=np.stack(patches),
+                                 cs=torch.cat(cs) if cs else None))
     return out
 
 
@@ -250,16 +295,17 @@ def embedding_pass(methods, base, idx, args, K):
 # Fig. 3: which segments each unknown prototype holds
 # ----------------------------------------------------------------------------------------------
 def unknown_rows(m, p, names, assigned, strip):
-    """One row per unknown prototype that validation segments were assigned to (assign_unknown):
-    (text, its best `strip` segments). The text says how many segments it holds and the
-    ground-truth class most of them are; the rows with the most segments come first."""
+    """One row per unknown prototype of Method m that validation segments were assigned to
+    (assign_unknown; p: m's EmbeddingPass): (text, its best `strip` segments). The text says how
+    many segments it holds and the ground-truth class most of them are; the rows with the most
+    segments come first."""
     _, proto, score = assigned
     rows = []
-    for u in range(len(m["unknown"].protos)):
+    for u in range(len(m.unknown.protos)):
         sel = (proto == u).nonzero().squeeze(1)
         if len(sel):
             sel = sel[score[sel].argsort(descending=True)]
-            gt = p["gt"][sel]
+            gt = p.gt[sel]
             gt = gt[gt >= 0]
             top = "unlabelled"
             if len(gt):  # the ground truth most of the prototype's segments hold, and its share
@@ -277,14 +323,14 @@ def main(args):
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     base = SegDataset(args.dataset, args.data_root, args.split, bad_files=args.bad_files)
-    names = [c.split(";")[0] for c in base.classes]
-    methods = load_methods(args, device, base.classes, test_side(base))
+    names, side = first_names(base.classes), test_side(base)
+    methods = load_methods(args, device, base.classes, side)
     # The run whose training split marks names known / unknown: a CLIP-S4 with unknown prototypes,
     # else the last checkpoint, else the teacher with --unknown-classes.
-    trained = [m for m in methods if m["trained"]]
-    ref = next((m for m in methods if m["unknown"] is not None),
+    trained = [m for m in methods if m.trained]
+    ref = next((m for m in methods if m.unknown is not None),
                trained[-1] if trained else methods[0])
-    known = set(ref["known"])
+    known = set(ref.known)
     known_idx = [k for k, n in enumerate(names) if n in known]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,8 +352,8 @@ def main(args):
                 raise UserError(f"--image-ids: {missing} not in {args.dataset} {args.split}")
             picks = [ids.index(i) for i in args.image_ids]
         else:
-            picks = sorted(rng.choice(len(base), min(args.images, len(base)),
-                                      replace=False).tolist())
+            picks = rng.choice(len(base), min(args.images, len(base)), replace=False)
+            picks = sorted(picks.tolist())
         class_names = args.classes or names
         if len(set(class_names)) != len(class_names):
             raise UserError("--classes: a name is given twice")
@@ -317,18 +363,20 @@ def main(args):
     if {2, 3, 4} & set(args.figures):
         n = min(args.pass_images or len(base), len(base))
         idx = sorted(np.random.default_rng(args.seed).choice(len(base), n, replace=False).tolist())
-        passes = embedding_pass(methods, base, idx, args, len(names))
+        passes = embedding_pass(methods, base, idx, len(names), args.segments,
+                                args.teacher_size or side)
         if 2 in args.figures:  # the classes present in every method's pass
-            counts = torch.stack([p["counts"] for p in passes]).min(0).values
+            counts = torch.stack([p.counts for p in passes]).min(0).values
             present = (counts > 0).nonzero().squeeze(1).tolist()
-            fig, align = figures.class_means_umap(
-                [m["label"] for m in methods], [p["means"][present] for p in passes],
-                methods[0]["text"].cpu()[present], [names[k] for k in present], args.seed)
+            fig, align = figures.class_means_umap([m.label for m in methods],
+                                                  [p.means[present] for p in passes],
+                                                  methods[0].text.cpu()[present],
+                                                  [names[k] for k in present], args.seed)
             print("mean cosine of class means to text: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in align.items()))
             save(fig, "embeddings_umap.png")
         if 3 in args.figures:
-            j = next((j for j, m in enumerate(methods) if m["unknown"] is not None), None)
+            j = next((j for j, m in enumerate(methods) if m.unknown is not None), None)
             if j is None:
                 print("Fig. 3 skipped: no CLIP-S4 checkpoint with learned unknown prototypes "
                       "among the methods")
@@ -339,7 +387,7 @@ def main(args):
                     print(f"Fig. 3 skipped: no validation segment went to an unknown prototype "
                           f"(--assign {args.assign})")
                 else:
-                    save(figures.unknown_strips(methods[j]["label"], rows, passes[j]["patches"],
+                    save(figures.unknown_strips(methods[j].label, rows, passes[j].patches,
                                                 args.strip), "unknown_classes.png")
         if 4 in args.figures:
             j = args.map_method if args.map_method is not None else methods.index(ref)
@@ -347,11 +395,11 @@ def main(args):
                 raise UserError(f"--map-method {j}: choose 0..{len(methods) - 1}")
             m, p = methods[j], passes[j]
             if args.frame == "truth":
-                is_known = np.array([g >= 0 and names[g] in known for g in p["gt"].tolist()])
+                is_known = np.array([g >= 0 and names[g] in known for g in p.gt.tolist()])
             else:
                 is_known = ~assign_unknown(m, p, known_idx, args.assign, args.tau)[0].numpy()
-            save(figures.segment_map(m["label"], p["emb"].numpy(), p["patches"], is_known,
-                                     args.map_cells, args.seed)[0], "segment_map.png")
+            save(figures.segment_map(m.label, p.emb.numpy(), p.patches, is_known, args.map_cells,
+                                     args.seed)[0], "segment_map.png")
     return written
 
 

@@ -133,8 +133,8 @@ def test_conceptcontrast_trains_resumes_exactly_and_runs_no_teacher(toy_world, t
     import model as M
     root, _ = toy_world
     calls = []
-    real = M.MaskCLIP.dense
-    monkeypatch.setattr(M.MaskCLIP, "dense", lambda self, *a, **k: calls.append(1) or real(
+    real = M.ClipTeacher.dense
+    monkeypatch.setattr(M.ClipTeacher, "dense", lambda self, *a, **k: calls.append(1) or real(
         self, *a, **k))
     flags = ["--method", "conceptcontrast", "--codebook", "16", "--memory-bank", "32", "--iters",
              "8", "--eval-every", "0"]

@@ -6,6 +6,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 import data
+import metrics
 from data import UserError
 
 
@@ -109,16 +110,16 @@ def test_metrics_against_sklearn_and_absent_classes():
     rng = np.random.default_rng(0)
     gt, pred = rng.integers(0, 4, 500), rng.integers(0, 4, 500)
     gt[:50] = 255
-    cm = data.confusion_matrix(pred, gt, 5)
+    cm = metrics.confusion_matrix(pred, gt, 5)
     keep = gt != 255
     np.testing.assert_array_equal(cm, sk_confusion(gt[keep], pred[keep], labels=range(5)))
-    m = data.segmentation_metrics(cm, list("abcde"))
+    m = metrics.segmentation_metrics(cm, list("abcde"))
     assert m["per_class"]["e"] is None  # absent from both: no IoU, not IoU 0
     iou = [cm[k, k] / (cm[k].sum() + cm[:, k].sum() - cm[k, k]) for k in range(4)]
     assert m["mIoU"] == pytest.approx(100 * np.mean(iou))
     assert m["pAcc"] == pytest.approx(100 * np.mean(pred[keep] == gt[keep]))
     # hand case: class 1 predicted but never present scores IoU 0 and counts in the mean
-    m2 = data.segmentation_metrics(data.confusion_matrix([0, 1], [0, 0], 3), ["x", "y", "z"])
+    m2 = metrics.segmentation_metrics(metrics.confusion_matrix([0, 1], [0, 0], 3), ["x", "y", "z"])
     assert m2["per_class"] == {"x": 50.0, "y": 0.0, "z": None} and m2["mIoU"] == 25.0
 
 

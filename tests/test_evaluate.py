@@ -76,12 +76,12 @@ def test_knn_vote_matches_sklearn():
     import torch
     import torch.nn.functional as F
     from sklearn.neighbors import KNeighborsClassifier
-    import data
+    import metrics
     g = torch.Generator().manual_seed(0)
     memory = F.normalize(torch.randn(300, 8, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 5, (300,), generator=g)
     queries = F.normalize(torch.randn(70, 8, generator=g, dtype=torch.float64), dim=1)
-    ours = data.knn_vote(queries, memory, labels, k=7, num_classes=5, chunk=16)
+    ours = metrics.knn_vote(queries, memory, labels, k=7, num_classes=5, chunk=16)
     ref = KNeighborsClassifier(7, metric="cosine", algorithm="brute").fit(
         memory.numpy(), labels.numpy()
     )
@@ -189,6 +189,9 @@ def test_linear_probe_learns_and_resumes_exactly(toy_world, tmp_path):
     (a,), (b,) = (list((tmp_path / d).glob("probe_*.pt")) for d in "ab")
     wa, wb = (torch.load(p, weights_only=True)["classifier"] for p in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and halves == straight
+    # no --size: the probe's crops are cut at the dataset's test side (64 on toy), as --size 64
+    unsized = [v for v in argv if v not in ("--size", "64")]
+    assert knn.main(knn.get_args(unsized + ["--memory-dir", str(tmp_path / "c")])) == straight
 
 
 def test_refine_pamr_runs_on_the_input_image(toy_world, tmp_path):
@@ -197,15 +200,17 @@ def test_refine_pamr_runs_on_the_input_image(toy_world, tmp_path):
     import numpy as np
     import torch.nn.functional as F
     from clip_loading import load_clip
-    from data import EvalImages, SegDataset, UserError, confusion_matrix, segmentation_metrics
-    from model import MaskCLIP, class_scores, pamr
+    from data import EvalImages, SegDataset, UserError
+    from metrics import confusion_matrix, segmentation_metrics
+    from model import ClipTeacher, class_scores, pamr
     root, _ = toy_world
     common = ["--dataset", "toy", "--data-root", str(root), "--method", "maskclip", "--limit", "4"]
     out = tmp_path / "r.json"
     m = evaluate.main(evaluate.get_args(common + ["--refine", "pamr", "--pamr-iters", "3",
                                                   "--pamr-dilations", "1", "2", "--json",
                                                   str(out)]))
-    teacher = MaskCLIP(*load_clip("toyclip", str(root / "toyclip.pt"), str(root / "toyclip.json")))
+    teacher = ClipTeacher(*load_clip("toyclip", str(root / "toyclip.pt"),
+                                    str(root / "toyclip.json")))
     base = SegDataset("toy", root, "val")
     data, K = EvalImages(base, 64, teacher.stride), len(base.classes)
     protos, owner = teacher.text_prototypes(base.classes)

@@ -96,7 +96,7 @@ def test_resnet_dense_mean_equals_uniform_attention_pool(rn, tiny_configs):
 @pytest.mark.parametrize("which", ["vit", "rn"])
 def test_teacher_dense_is_unit_norm_any_size(which, tiny_configs):
     clip, info = C.load_clip(pretrained="none", config=tiny_configs[which])
-    teacher = M.MaskCLIP(clip, info)
+    teacher = M.ClipTeacher(clip, info)
     s = teacher.stride
     feats, keys = teacher.dense(torch.rand(1, 3, 3 * s, 5 * s), with_keys=True)
     assert feats.shape == (1, 32, 3, 5) and keys.shape[2:] == (3, 5)
@@ -108,7 +108,7 @@ def test_teacher_follows_its_clip_device(tiny_configs):
     """MaskCLIP wrapped around a CLIP that was already moved keeps its normalisation on the same
     device (the meta device stands in for CUDA here: no memory, no GPU needed)."""
     clip, info = C.load_clip(pretrained="none", config=tiny_configs["vit"])
-    teacher = M.MaskCLIP(clip.to("meta"), info)
+    teacher = M.ClipTeacher(clip.to("meta"), info)
     assert teacher.mean.device.type == "meta" and teacher.device.type == "meta"
 
 
@@ -128,7 +128,7 @@ def test_templates_file():
 
 
 def test_text_prototypes_reference_synonyms_and_cache(vit, tmp_path, monkeypatch):
-    teacher = M.MaskCLIP(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None,
+    teacher = M.ClipTeacher(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None,
                                "quick_gelu": False})
     templates = ["a photo of a {}.", "this is the {} in the scene.", "{}"]
     protos, owner = teacher.text_prototypes(["sky", "tv monitor;television"], templates,
@@ -142,19 +142,19 @@ def test_text_prototypes_reference_synonyms_and_cache(vit, tmp_path, monkeypatch
     torch.testing.assert_close(protos[2], F.normalize(e.mean(0), dim=0), atol=1e-5, rtol=1e-5)
     # a fresh teacher reads the disk cache and never runs the text tower
     monkeypatch.setattr(M, "encode_text_fast", lambda *a, **k: pytest.fail("cache missed"))
-    fresh = M.MaskCLIP(vit, dict(teacher.info))
+    fresh = M.ClipTeacher(vit, dict(teacher.info))
     p2, o2 = fresh.text_prototypes(["sky", "tv monitor;television"], templates, cache_dir=tmp_path)
     assert torch.equal(p2, protos) and torch.equal(o2, owner)
     assert len(list(tmp_path.glob("text_*.pt"))) == 1
 
 
 def test_unreadable_text_cache_is_computed_again(vit, tmp_path, capsys):
-    teacher = M.MaskCLIP(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None,
+    teacher = M.ClipTeacher(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None,
                                "quick_gelu": False})
     protos, _ = teacher.text_prototypes(["sky", "grass"], ["a {}."], cache_dir=tmp_path)
     file = next(tmp_path.glob("text_*.pt"))
     file.write_bytes(file.read_bytes()[:40])  # a write cut short
-    again, _ = M.MaskCLIP(vit, dict(teacher.info)).text_prototypes(
+    again, _ = M.ClipTeacher(vit, dict(teacher.info)).text_prototypes(
         ["sky", "grass"], ["a {}."], cache_dir=tmp_path
     )
     assert "unreadable" in capsys.readouterr().out and torch.equal(again, protos)
@@ -464,7 +464,7 @@ def test_maskclip_is_still_the_value_path_bit_for_bit(vit):
         t = t + last.ls_2(last.mlp(last.ln_2(t)))
         t = vit.visual.ln_post(t) @ vit.visual.proj
         ref = t[:, 1:].transpose(1, 2).reshape(2, -1, h, w)
-        teacher = M.MaskCLIP(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None,
+        teacher = M.ClipTeacher(vit, {"name": "tiny-vit", "pretrained": "none", "weights": None,
                                    "quick_gelu": False})
         ours, _ = M.vit_dense(vit.visual, x, teacher="maskclip")
     assert torch.equal(ours, ref) and teacher.info["teacher"] == "maskclip"
@@ -478,4 +478,4 @@ def test_naclip_neighbourhood_and_resnet_refusal(rn):
     assert omega[1, 6] == pytest.approx(math.exp(-2 / 50))  # patches (0, 0) and (1, 1)
     info = {"name": "tiny-rn", "pretrained": "none", "weights": None, "quick_gelu": False}
     with pytest.raises(M.UserError, match="ResNet"):
-        M.MaskCLIP(rn, info, "sclip")
+        M.ClipTeacher(rn, info, "sclip")

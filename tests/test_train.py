@@ -128,12 +128,11 @@ def test_presets_follow_the_data_and_given_flags_win(tmp_path, tiny_configs):
 
 
 def test_vision_stride_read_from_the_config(tiny_configs):
-    from argparse import Namespace
     from clip_loading import vision_stride
-    assert vision_stride(Namespace(clip_config=str(tiny_configs["vit"]), clip=None)) == 8
-    assert vision_stride(Namespace(clip_config=str(tiny_configs["rn"]), clip=None)) == 32
-    assert vision_stride(Namespace(clip_config=None, clip="ViT-B-32")) == 32
-    assert vision_stride(Namespace(clip_config=None, clip="no-such-clip")) == 16
+    assert vision_stride(None, clip_config=str(tiny_configs["vit"])) == 8
+    assert vision_stride(None, clip_config=str(tiny_configs["rn"])) == 32
+    assert vision_stride("ViT-B-32") == 32
+    assert vision_stride("no-such-clip") == 16
 
 
 def test_validation_scores_equal_evaluate_py(toy_world, tmp_path):
@@ -304,7 +303,7 @@ def test_teacher_cache_batches_by_size_and_keeps_each_map(tiny_configs):
     rounded to fp16; the second time the same images come, the teacher does not run."""
     from clip_loading import load_clip
     from training import TeacherCache
-    teacher = M.MaskCLIP(*load_clip(pretrained="none", config=tiny_configs["vit"]))
+    teacher = M.ClipTeacher(*load_clip(pretrained="none", config=tiny_configs["vit"]))
     g = torch.Generator().manual_seed(0)
     sources = [torch.rand(3, 32, 48, generator=g), torch.rand(3, 40, 32, generator=g),
                torch.rand(3, 32, 48, generator=g)]

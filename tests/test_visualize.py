@@ -12,7 +12,7 @@ import figures
 import visualize as V
 from data import SegDataset, UserError
 from clip_loading import load_clip
-from model import MaskCLIP
+from model import ClipTeacher
 
 from test_train import args_for
 
@@ -105,28 +105,27 @@ def test_same_seed_same_pictures(drawn, runs, tmp_path):
 
 def test_class_means_match_a_pixel_loop(toy_world):
     root, _ = toy_world
-    teacher = MaskCLIP(*load_clip("toyclip", str(root / "toyclip.pt"), str(root / "toyclip.json")))
+    teacher = ClipTeacher(*load_clip("toyclip", str(root / "toyclip.pt"),
+                                    str(root / "toyclip.json")))
     base = SegDataset("toy", root, "val")
     names = base.classes
-    m = dict(label="MaskCLIP", embed=teacher.dense, stride=teacher.stride, size=64,
-             teacher=teacher, unknown=None,
-             text=torch.zeros(len(names), 64))
-    p = V.embedding_pass([m], base, [0, 1], V.get_args(["--segments", "4"]), len(names))[0]
+    m = V.Method(label="MaskCLIP", embed=V.teacher_features(teacher), stride=teacher.stride,
+                 size=64, teacher=teacher, text=torch.zeros(len(names), 64), known=names,
+                 trained=False)
+    p = V.embedding_pass([m], base, [0, 1], len(names), segments=4, teacher_side=64)[0]
     sums = torch.zeros(len(names), 64)
     for i in (0, 1):
         item = base[i]
         feats = V.features(m, item["image"])
         lab = F.interpolate(torch.from_numpy(item["label"])[None, None].float(),
-                            size=feats.shape[1:],
-                            mode="nearest")[0, 0].long()
+                            size=feats.shape[1:], mode="nearest")[0, 0].long()
         for y in range(lab.shape[0]):
             for x in range(lab.shape[1]):
                 if lab[y, x] != 255:
                     sums[lab[y, x]] += feats[:, y, x]
     present = sums.norm(dim=1) > 0
-    assert torch.allclose(p["means"][present], F.normalize(sums[present], dim=1), atol=1e-5)
-    assert p["patches"].shape[1:] == (48, 48,
-                                      3) and len(p["patches"]) == len(p["emb"]) == len(p["gt"])
+    assert torch.allclose(p.means[present], F.normalize(sums[present], dim=1), atol=1e-5)
+    assert p.patches.shape[1:] == (48, 48, 3) and len(p.patches) == len(p.emb) == len(p.gt)
 
 
 def test_bad_input_is_one_line(runs, tmp_path):
