@@ -323,7 +323,9 @@ def vector_quantization(zs, concepts, beta=0.25):
     value is not recovered]. zs (S, D) unit -> (L_v, codes (S,) long)."""
     e = concepts.codes()  # (K, D)
     codes = (zs.detach() @ e.detach().T).argmax(dim=1)  # (S,)
-    ek = e[codes]  # (S, D)
+    # (S, D); index_select, not e[codes]: its backward sums repeated codes in a fixed order, so
+    # a run on several CPU threads gives the same codebook every time
+    ek = e.index_select(0, codes)
     book = (1 - (zs.detach() * ek).sum(dim=1)).mean()
     commit = (1 - (zs * ek.detach()).sum(dim=1)).mean()
     return book + beta * commit, codes

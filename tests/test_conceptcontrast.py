@@ -62,6 +62,28 @@ def test_vector_quantization_routes_each_term_to_one_side():
     assert all(grads[0.0][1][k].abs().sum() == 0 for k in unused)  # no code moves unless chosen
 
 
+def test_codebook_gradient_is_the_same_every_time_on_several_threads():
+    """Many segments on few codes, as in a run: the codes' gradient sums each code's segments, and
+    that sum is taken in the same order every time, however many CPU threads torch uses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        g = torch.Generator().manual_seed(0)
+        zs = F.normalize(torch.randn(2000, 64, generator=g), dim=1)
+        concepts = L.Concepts(256, 64)
+        with torch.no_grad():
+            concepts.weight.copy_(torch.randn(256, 64, generator=g))
+            concepts.weight[40:] = -10 * zs[0]  # far from every segment: 40 codes take them all
+        grads = []
+        for _ in range(20):
+            concepts.weight.grad = None
+            L.vector_quantization(zs, concepts)[0].backward()
+            grads.append(concepts.weight.grad.clone())
+        assert all(torch.equal(x, grads[0]) for x in grads)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cooccurrence_positives_by_hand():
     # image 0 has codes {0, 1}, image 1 {1}, image 2 {2}
     codes = torch.tensor([0, 1, 1, 1, 2])
