@@ -375,10 +375,8 @@ def main(args):
             phases("kmeans")
             loss = objective(z, seg, regions, pix, clip_map, step)
             if follow is not None:  # where each class's pixels went (ground truth read here only)
-                gt = regions_on_grid(batch["labels"].flatten(0, 1), (h, w), args.grid).to(device)
-                teacher_label = torch.einsum("bdhw,kd->bkhw", clip_map, text).argmax(1)
-                f_label = torch.einsum("bdhw,kd->bkhw", z.detach(), text).argmax(1)
-                follow.add(gt, teacher_label, loss.target, f_label)  # (BV, h, w) each
+                follow.add_views(batch["labels"].flatten(0, 1), args.grid, clip_map, z, text,
+                                 loss.target)
             phases("losses")
             if not torch.isfinite(loss.total):
                 sys.exit(f"step {step}: non-finite loss "

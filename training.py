@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from data import EvalImages, collate, first_names, test_side, warp
 from files import UserError, atomic_save
+from losses import regions_on_grid
 from metrics import language_confusion, segmentation_metrics
 from model import class_scores, pick_device, read_checkpoint
 
@@ -278,6 +279,16 @@ class FollowPixels:
             (m.flatten()[keep] == col) & (col >= 0) for m in (teacher, target, pred)]
         for r, hit in enumerate(rows):
             self.counts[r] += torch.bincount(gt[hit], minlength=len(self.names))
+
+    @torch.no_grad()
+    def add_views(self, labels, grid, clip_map, z, text, target):
+        """One step's views: labels (BV, S, S) long, the ground truth warped onto the views, read
+        on f's grid as the regions are (losses.regions_on_grid); the teacher's and f's own pixel
+        labels, the nearest of the known names text (K, D) to clip_map and z (BV, D, h, w);
+        target (BV, h, w), what the objective taught (losses.StepLoss.target)."""
+        gt = regions_on_grid(labels, z.shape[2:], grid).to(z.device)
+        nearest = lambda maps: torch.einsum("bdhw,kd->bkhw", maps, text).argmax(1)  # (BV, h, w)
+        self.add(gt, nearest(clip_map), target, nearest(z.detach()))
 
     def take(self):
         """{"gt_share", "teacher", "target", "f"}: per class, in percent (None: no pixels), and
