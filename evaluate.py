@@ -1,4 +1,4 @@
-"""evaluate.py: language-driven segmentation scores (mIoU, pAcc, mAcc, per-class IoU).
+r"""evaluate.py: language-driven segmentation scores (mIoU, pAcc, mAcc, per-class IoU).
 
 Each pixel takes the dataset class whose text prototype (85 templates) is nearest to the pixel's
 embedding; the scores come from one confusion matrix over the split. A class-free run (trained with

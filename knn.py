@@ -1,4 +1,4 @@
-"""knn.py: unsupervised evaluation of pixel embeddings by k-NN segment retrieval and by a linear
+r"""knn.py: unsupervised evaluation of pixel embeddings by k-NN segment retrieval and by a linear
 probe (supplementary A.1).
 
 Every image is cut into 36 segments by k-means on its embeddings and pixel positions (20 iterations;

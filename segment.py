@@ -1,4 +1,4 @@
-"""segment.py: segment any image with any class names, zero-shot, in CLIP's joint space.
+r"""segment.py: segment any image with any class names, zero-shot, in CLIP's joint space.
 
 Each pixel takes the class whose text prototype (85 prompt templates, prompts.txt) is closest to the
 pixel's dense CLIP embedding (MaskCLIP). Writes <stem>_overlay.png (image, colours, legend) and

@@ -1,4 +1,4 @@
-"""train.py: train the pixel-embedding network of CLIP-S4 without labels (or a baseline).
+r"""train.py: train the pixel-embedding network of CLIP-S4 without labels (or a baseline).
 
 The paper's setting (20k iterations; docs/benchmarks.md gives the time it takes):
     python train.py --dataset voc --data-root data/voc

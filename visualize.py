@@ -1,4 +1,4 @@
-"""visualize.py: the paper's figures, drawn from our checkpoints on any dataset (supplementary
+r"""visualize.py: the paper's figures, drawn from our checkpoints on any dataset (supplementary
 A.5-A.6). This script computes what each figure shows; figures.py draws it.
 
   1. qualitative.png      image | ground truth | one column per method, segmented with the given
