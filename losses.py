@@ -497,7 +497,21 @@ def gather(x):
     return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
 
 
-class ClipS4Objective:
+class Objective:
+    """What every method's objective offers the loop besides being called (each subclass's
+    __call__(z, seg, regions, pix, clip_map, step) -> StepLoss): taught, whether it reads the
+    teacher's map; state(), what a checkpoint keeps of it, {name: module}; extra_parameters(), the
+    parameters the optimizer moves besides f's. None by default."""
+    taught = False
+
+    def state(self):
+        return {}
+
+    def extra_parameters(self):
+        return []
+
+
+class ClipS4Objective(Objective):
     """CLIP-S4's L = lambda_c L_c + lambda_e L_e + lambda_s L_s (clip_s4_objective) with its state:
     the unknown prototypes U, which L_s scores against [T; U'] and which are moved after each step
     by one k-means step on the segments CLIP is unsure of, from every process (UnknownPrototypes).
@@ -515,12 +529,7 @@ class ClipS4Objective:
         self.target_at, self.views, self.keep_targets = target_at, views, keep_targets
 
     def state(self):
-        """What a checkpoint keeps of the objective: {name: module}."""
         return {"unknown": self.unknown}
-
-    def extra_parameters(self):
-        """Parameters the optimizer moves besides f's: none."""
-        return []
 
     def __call__(self, z, seg, regions, pix, clip_map, step=0):
         """z (BV, D, h, w) f's unit embeddings (with gradient); seg Segments of z; regions (BV, h,
@@ -543,7 +552,7 @@ class ClipS4Objective:
         return torch.where(seg.ids >= 0, y[seg.ids.clamp(min=0)], -1)
 
 
-class MaskClipPlusObjective:
+class MaskClipPlusObjective(Objective):
     """MaskCLIP+ (maskclip_plus_objective): cross-entropy against the teacher's pseudo-labels until
     step `self_train_from`, then against f's own (self-training). text (K, D), kappa the logit
     scale (resolved), balance class_balance's power."""
@@ -552,12 +561,6 @@ class MaskClipPlusObjective:
     def __init__(self, text, kappa, self_train_from, balance=0.0, keep_targets=False):
         self.text, self.kappa, self.self_train_from = text, kappa, self_train_from
         self.balance, self.keep_targets = balance, keep_targets
-
-    def state(self):
-        return {}
-
-    def extra_parameters(self):
-        return []
 
     def __call__(self, z, seg, regions, pix, clip_map, step=0):
         self_training = step >= self.self_train_from
@@ -569,18 +572,11 @@ class MaskClipPlusObjective:
         return StepLoss(total, terms, {}, target)
 
 
-class SegSortObjective:
+class SegSortObjective(Objective):
     """SegSort, L = lambda_c L_c with no teacher (segsort_objective)."""
-    taught = False
 
     def __init__(self, lambda_c=1.0, kappa=10.0, positives="region", views=2):
         self.lambda_c, self.kappa, self.positives, self.views = lambda_c, kappa, positives, views
-
-    def state(self):
-        return {}
-
-    def extra_parameters(self):
-        return []
 
     def __call__(self, z, seg, regions, pix, clip_map=None, step=0):
         total, terms = segsort_objective(z, seg, regions, pix, self.lambda_c, self.kappa,
@@ -588,11 +584,10 @@ class SegSortObjective:
         return StepLoss(total, terms)
 
 
-class ConceptContrastObjective:
+class ConceptContrastObjective(Objective):
     """ConceptContrast's L = lambda_c L_c + lambda_v L_v + lambda_o L_o, no teacher
     (concept_contrast_objective), with its state: the codebook (a parameter the optimizer moves,
     outside f) and the memory bank, written after each step from every process's segments."""
-    taught = False
 
     def __init__(self, concepts, lambdas, kappa=10.0, beta=0.25, rule="image", positives="region",
                  views=2):
