@@ -97,38 +97,57 @@ def pixel_sample(seg, max_pixels, generator=None):
 # ----------------------------------------------------------------------------------------------
 # L_c: pixel-segment contrastive (paper; SegSort)
 # ----------------------------------------------------------------------------------------------
-def segment_contrast(zp, zs, pos, kappa):
+def segment_contrast(zp, zs, pos, kappa, among=None):
     """The pixel-segment contrast shared by L_c, SegSort and ConceptContrast's terms:
         mean_p -log( sum_{s in pos(p)} exp(kappa cos(z_p, z_s)) / sum_s exp(kappa cos(z_p, z_s)) ).
-    zp (P, D), zs (S, D) unit; pos (P, S) bool. Pixels without a positive are left out."""
+    zp (P, D), zs (S, D) unit; pos (P, S) bool; among (P, S) bool or None: the segments each
+    pixel's sums run over (None: all). Pixels without a positive are left out."""
     logits = kappa * zp @ zs.T  # (P, S)
+    if among is not None:
+        logits = logits.masked_fill(~among, float("-inf"))
+        pos = pos & among
     has = pos.any(dim=1)
     num = torch.logsumexp(logits[has].masked_fill(~pos[has], float("-inf")), dim=1)
     return (torch.logsumexp(logits[has], dim=1) - num).mean()
 
 
 def pixel_segment_contrastive(z, seg, regions, pix, kappa=10.0, views=2, positives="region",
-                              negatives=None):
+                              negatives=None, among="batch"):
     """L_c = mean_p -log( sum_{s in S+(p)} exp(kappa cos(z_p, z_s)) / sum_{s} exp(kappa cos(z_p,
-    z_s)) ). The denominator runs over every segment of the batch (the others are the negatives),
-    and over `negatives` (E, D) unit if given (ConceptContrast's memory bank). S+(p):
+    z_s)) ). The denominator runs over every segment of the batch (among "batch", the paper's:
+    the others are the negatives) or of p's own image, both views (among "image", SPML's
+    low-level term [beyond the paper]), and over `negatives` (E, D) unit if given
+    (ConceptContrast's memory bank). S+(p):
       "region" (default, CLIP-S4's L_c): the segments of either view of p's image that lie in p's
                superpixel, so the two views of a region are pulled together;
+      "others" (HSG's segsort+ [beyond the paper]): the same, less p's own segment, which also
+               leaves the denominator, when another positive exists. With segments of a few cells
+               p's own embedding is a large part of its segment's mean, so that positive is met
+               before anything is learned;
       "own"    (SegSort's code): only the segment p itself belongs to, in its own view.
     z (BV, D, h, w) unit, seg Segments, regions (BV, h, w), pix (P,) flat pixel indices."""
     BV, D, h, w = z.shape
     zp = z.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
     zs = segment_means(z, seg)  # (S, D)
+    p_image = pix // (h * w) // views
+    own = seg.ids.reshape(-1)[pix][:, None] == torch.arange(seg.count, device=z.device)  # (P, S)
     if positives == "own":
-        pos = seg.ids.reshape(-1)[pix][:, None] == torch.arange(seg.count, device=z.device)
+        pos = own
     else:
-        p_image = pix // (h * w) // views
         p_region = regions.reshape(-1)[pix]
         pos = (p_image[:, None] == seg.image[None]) & (p_region[:, None] == seg.region[None])
+    keep = None  # (P, S): the segments p's sums run over
+    if positives == "others":
+        keep = ~(own & (pos & ~own).any(dim=1, keepdim=True))
+    if among == "image":
+        same = p_image[:, None] == seg.image[None]
+        keep = same if keep is None else keep & same
     if negatives is not None and len(negatives):
         zs = torch.cat([zs, negatives.to(zs.dtype)])
         pos = torch.cat([pos, pos.new_zeros(len(pos), len(negatives))], dim=1)  # (P, S + E)
-    return segment_contrast(zp, zs, pos, kappa)
+        if keep is not None:
+            keep = torch.cat([keep, keep.new_ones(len(keep), len(negatives))], dim=1)
+    return segment_contrast(zp, zs, pos, kappa, keep)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,10 +168,11 @@ def embedding_consistency(zs, cs, kappa=10.0, form="nce"):
 # ----------------------------------------------------------------------------------------------
 # L_s: semantic consistency over known text prototypes and learned unknown prototypes
 # ----------------------------------------------------------------------------------------------
-def semantic_consistency(z, seg, pix, targets, prototypes, kappa, balance=0.0):
+def semantic_consistency(z, seg, pix, targets, prototypes, kappa, balance=0.0, pool_from=None):
     """L_s = mean_p CE( kappa cos(z_p, P_j) over j, y_{s(p)} ): our per-pixel prediction over the
     target prototypes P = [T; U'] agrees with CLIP's label y_s of the pixel's segment. Segments
-    with target -1 are left out; `balance` > 0 weighs the classes (class_balance).
+    with target -1 are left out; `balance` > 0 weighs the classes (class_balance; pool_from K:
+    the unknown prototypes weigh as one class).
     z (BV, D, h, w) unit, pix (P,), targets (S,) long, prototypes (K+M, D) unit. seg None: targets
     (P,) are the scored pixels' own labels (train.py --target-at pixel)."""
     D = z.shape[1]
@@ -160,23 +180,30 @@ def semantic_consistency(z, seg, pix, targets, prototypes, kappa, balance=0.0):
     y = targets[seg.ids.reshape(-1)[pix]] if seg is not None else targets  # (P,)
     logits = kappa * zp @ prototypes.T.to(zp.dtype)  # (P, K+M)
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y,
-                           weight=class_balance(y, len(prototypes), balance), ignore_index=-1)
+                           weight=class_balance(y, len(prototypes), balance, pool_from),
+                           ignore_index=-1)
 
 
-def class_balance(y, num_classes, power):
+def class_balance(y, num_classes, power, pool_from=None):
     """Class weights that even out the classes of one batch's targets (beyond the paper, which
     weighs every pixel alike; train.py --balance):
         w_c = (n / (C n_c)) ^ power,
     n the targets (y >= 0), n_c those of class c, C the classes present. F.cross_entropy divides
     by the summed weights of the targets, so power 1 gives every present class the same share of
-    the loss, and power 0 is plain cross-entropy (None is returned). y (P,) long, -1 = none."""
+    the loss, and power 0 is plain cross-entropy (None is returned). pool_from K: the classes K and
+    above (L_s's unknown prototypes) count as one class, so together they weigh as one known name
+    (train.py --balance-unknown pooled). y (P,) long, -1 = none."""
     if not power:
         return None
-    n_c = torch.bincount(y[y >= 0], minlength=num_classes).float()  # (num_classes,)
+    groups = num_classes if pool_from is None else pool_from + 1
+    g = y[y >= 0] if pool_from is None else y[y >= 0].clamp(max=pool_from)
+    n_c = torch.bincount(g, minlength=groups).float()  # (groups,)
     present = n_c > 0
-    w = torch.ones(num_classes, device=y.device)
+    w = torch.ones(groups, device=y.device)
     w[present] = (n_c.sum() / (present.sum() * n_c[present])) ** power
-    return w
+    if pool_from is None:
+        return w
+    return torch.cat([w[:pool_from], w[pool_from].expand(num_classes - pool_from)])
 
 
 class UnknownPrototypes(nn.Module):
@@ -184,11 +211,15 @@ class UnknownPrototypes(nn.Module):
     segment embeddings (docs/method.md section 8; the paper says only "learned by clustering").
     CLIP's image embeddings sit far from its text embeddings (the modality gap), so prototypes are
     clustered in image space and shifted across the gap before they compete with text prototypes:
-    u'_m = normalise(u_m - mean_img + mean_txt)."""
+    u'_m = normalise(u_m - mean_img + mean_txt). `rule` says which segments are unknown (targets).
+    RULES: the rules a run may name (train.py --unknown-rule)."""
+    RULES = ("confidence", "argmax", "ignore", "none")
 
-    def __init__(self, num, dim, momentum=0.99, tau=0.5, scale=100.0, dead_after=200):
+    def __init__(self, num, dim, momentum=0.99, tau=0.5, scale=100.0, dead_after=200,
+                 rule="confidence"):
         super().__init__()
         self.momentum, self.tau, self.scale, self.dead_after = momentum, tau, scale, dead_after
+        self.rule = rule
         self.register_buffer("protos", torch.zeros(num, dim))  # (M, D) image-space unit vectors
         self.register_buffer("idle", torch.zeros(num, dtype=torch.long))  # steps since assigned
         self.register_buffer("img_mean", torch.zeros(dim))
@@ -196,15 +227,27 @@ class UnknownPrototypes(nn.Module):
 
     @torch.no_grad()
     def targets(self, cs, text):
-        """CLIP's label of each segment: a known class when CLIP's softmax over the known names
-        (at self.scale) reaches tau, else K + its nearest unknown prototype.
-        cs (S, D), text (K, D) -> targets (S,) long in [0, K+M) (-1 for unknown segments before
-        the prototypes exist), unknown (S,) bool."""
+        """CLIP's label y_s of each segment under self.rule (the paper says only that the unknown
+        prototypes are "learned by clustering"; docs/method.md section 8):
+          "confidence" [choice, default]: a known name when CLIP's softmax over the known names
+                       (at self.scale) reaches tau, else K + its nearest unknown prototype;
+          "argmax"     (the abstract's reading): the nearest of the known names and the shifted
+                       prototypes, argmax_j cos(c_s, [T; U']_j); before the prototypes exist the
+                       segments under tau seed them;
+          "ignore"     (MaskCLIP+'s code, its conf_thresh): under tau no target at all;
+          "none":      every segment its nearest known name, no unknown class.
+        cs (S, D), text (K, D) -> targets (S,) long in [0, K+M) (-1: no target), unknown (S,)
+        bool: the segments the prototypes are clustered from (UnknownPrototypes.update)."""
         prob = F.softmax(self.scale * cs @ text.T, dim=1)  # (S, K)
         conf, known = prob.max(dim=1)
+        if self.rule == "none":
+            return known, torch.zeros_like(conf, dtype=torch.bool)
         unknown = conf < self.tau
-        if not self.started:  # no prototypes yet (or M = 0): unknown segments get no target
+        if self.rule == "ignore" or not self.started:  # no prototypes (yet, or M = 0)
             return torch.where(unknown, -1, known), unknown
+        if self.rule == "argmax":
+            y = (cs @ torch.cat([text, self.shifted(text)]).T).argmax(dim=1)  # (S,) in [0, K+M)
+            return y, y >= len(text)
         nearest = (cs @ self.protos.T).argmax(dim=1) + len(text)  # (S,)
         return torch.where(unknown, nearest, known), unknown
 
@@ -241,12 +284,12 @@ class UnknownPrototypes(nn.Module):
         return F.normalize(self.protos - self.img_mean + text.mean(0), dim=1)
 
 
-def restore_unknown(saved, tau, scale):
+def restore_unknown(saved, tau, scale, rule="confidence"):
     """A run's unknown prototypes from its checkpoint (`saved`: UnknownPrototypes' state dict) with
-    the rule it was trained with (tau, scale); None when it has none or they never started."""
+    the rule it was trained with (tau, scale, rule); None when it has none or they never started."""
     if saved is None or saved["protos"].shape[0] == 0:
         return None
-    unknown = UnknownPrototypes(*saved["protos"].shape, tau=tau, scale=scale)
+    unknown = UnknownPrototypes(*saved["protos"].shape, tau=tau, scale=scale, rule=rule)
     unknown.load_state_dict(saved)
     return unknown if bool(unknown.started) else None
 
@@ -380,7 +423,7 @@ def weighted_total(terms, weights):
 
 def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, kappa=10.0,
                       kappa_e=10.0, kappa_s=100.0, emb_form="nce", views=2, positives="region",
-                      balance=0.0, target_at="segment"):
+                      balance=0.0, target_at="segment", among="batch", pool_unknown=False):
     """CLIP-S4's objective (paper; docs/method.md section 7):
         L = lambda_c L_c + lambda_e L_e + lambda_s L_s
     L_c pixel-segment contrastive (pixel_segment_contrastive), L_e embedding consistency between our
@@ -394,13 +437,16 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
         clip_map (BV, D, h, w) unit, the teacher's map warped onto the views (no gradient);
         text (K, D) unit, the known names; unknown UnknownPrototypes; lambdas {"c", "e", "s"}.
         balance: class_balance's power in L_s; target_at: L_s's label of a pixel, CLIP's label
-        of its segment ("segment", y_s) or of the pixel itself ("pixel", beyond the paper).
+        of its segment ("segment", y_s) or of the pixel itself ("pixel", beyond the paper);
+        among: L_c's denominator, the batch's segments or the pixel's image's; pool_unknown: the
+        unknown prototypes weigh as one class in the balance.
     Returns:
         (total scalar, terms {"c", "e", "s"} unweighted, cs (S, D) CLIP's segment embeddings,
         is_unknown (S,) bool: the segments CLIP is not confident about)."""
     terms = {}
     if lambdas["c"]:
-        terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, kappa, views, positives)
+        terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, kappa, views, positives,
+                                               among=among)
     cs = segment_means(clip_map, seg)  # (S, D)
     targets, is_unknown = unknown.targets(cs, text)
     if lambdas["e"]:
@@ -408,13 +454,15 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
     if lambdas["s"]:
         # (K+M, D): the known names, then the unknown prototypes shifted across the gap
         prototypes = torch.cat([text, unknown.shifted(text)]) if unknown.started else text
+        pool = len(text) if pool_unknown else None
         if target_at == "pixel":  # each scored pixel labelled by its own CLIP embedding
             D = clip_map.shape[1]
             cp = clip_map.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
             terms["s"] = semantic_consistency(z, None, pix, unknown.targets(cp, text)[0],
-                                              prototypes, kappa_s, balance)
+                                              prototypes, kappa_s, balance, pool)
         else:
-            terms["s"] = semantic_consistency(z, seg, pix, targets, prototypes, kappa_s, balance)
+            terms["s"] = semantic_consistency(z, seg, pix, targets, prototypes, kappa_s, balance,
+                                              pool)
     return weighted_total(terms, lambdas), terms, cs, is_unknown
 
 
@@ -522,11 +570,12 @@ class ClipS4Objective(Objective):
 
     def __init__(self, text, unknown, lambdas, kappa=10.0, kappa_e=10.0, kappa_s=100.0,
                  emb_form="nce", positives="region", balance=0.0, target_at="segment", views=2,
-                 keep_targets=False):
+                 keep_targets=False, among="batch", pool_unknown=False):
         self.text, self.unknown, self.lambdas = text, unknown, lambdas
         self.kappa, self.kappa_e, self.kappa_s = kappa, kappa_e, kappa_s
         self.emb_form, self.positives, self.balance = emb_form, positives, balance
         self.target_at, self.views, self.keep_targets = target_at, views, keep_targets
+        self.among, self.pool_unknown = among, pool_unknown
 
     def state(self):
         return {"unknown": self.unknown}
@@ -537,7 +586,7 @@ class ClipS4Objective(Objective):
         total, terms, cs, is_unknown = clip_s4_objective(
             z, seg, regions, pix, clip_map, self.text, self.unknown, self.lambdas, self.kappa,
             self.kappa_e, self.kappa_s, self.emb_form, self.views, self.positives, self.balance,
-            self.target_at)
+            self.target_at, self.among, self.pool_unknown)
         target = self.taught_classes(seg, clip_map, cs) if self.keep_targets else None
         self.unknown.update(gather(cs), gather(is_unknown))
         return StepLoss(total, terms, {"unknown_share": is_unknown.float().mean()}, target)

@@ -520,7 +520,7 @@ class PixelEmbedder(nn.Module):
 # takes the value that run was trained with, not today's default.
 OLD_RUN_DEFAULTS = {"aspp_rates": list(ASPP_RATES), "grid": "corner", "quick_gelu": "auto",
                     "clip_config": None, "unknown_scale": 100.0, "eval_size": None,
-                    "teacher": "maskclip"}
+                    "teacher": "maskclip", "unknown_rule": "confidence"}
 
 
 def read_checkpoint(path, what="--checkpoint"):

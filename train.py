@@ -150,12 +150,22 @@ def parser():
     arg("--target-at", choices=["segment", "pixel"], default="segment",
         help="L_s's label of a pixel: CLIP's label of the pixel's segment (segment, docs/method.md"
              " section 7) or of the pixel's own CLIP embedding (pixel) [choice]")
-    arg("--emb-loss", default="nce", choices=["nce", "cos"], help="form of L_e [choice]")
+    arg("--balance-unknown", choices=["each", "pooled"], default="each",
+        help="with --balance: each unknown prototype weighs as a class (each), or all of them "
+             "together as one (pooled) [choice]")
+    arg("--emb-loss", default="nce", choices=["nce", "cos"],
+        help="form of L_e: InfoNCE over the batch's segments (nce), or 1 - cos(z_s, c_s), the "
+             "distance the paper's wording suggests (cos) [choice]")
     arg("--kmeans-grid", type=int, default=4, help="k-means starts from a G x G grid [choice]")
     arg("--kmeans-iters", type=int, default=10, help="k-means iterations per step [choice]")
     arg("--kmeans-lambda", type=float, default=1.0, help="weight of position in k-means [choice]")
     arg("--max-pixels", type=int, default=4096, help="pixels per step scored by L_c, L_s [choice]")
     arg("--unknown-protos", type=int, default=20, help="M unknown prototypes [choice]")
+    arg("--unknown-rule", choices=list(UnknownPrototypes.RULES), default="confidence",
+        help="which segments L_s labels unknown: under --unknown-tau, by the nearest prototype "
+             "(confidence); the nearest of the names and the prototypes, the abstract's reading "
+             "(argmax); under tau no label, MaskCLIP+'s conf_thresh (ignore); none, every segment "
+             "its nearest name (none) [choice; losses.UnknownPrototypes.targets]")
     arg("--unknown-tau", type=float, default=0.5,
         help="CLIP confidence below which a segment is unknown [choice]")
     arg("--unknown-scale", type=float, default=0.0,
@@ -163,9 +173,13 @@ def parser():
              "for OpenAI's CLIPs [choice; docs/method.md section 8]")
     arg("--self-train-after", type=float, default=0.1,
         help="maskclip+: share of training on the teacher's labels")
-    arg("--positives", choices=["region", "own"], default="region",
+    arg("--positives", choices=["region", "others", "own"], default="region",
         help="L_c's positives of a pixel: the segments of its superpixel in both views (region, "
-             "CLIP-S4's), or its own segment only (own, as SegSort's code) [choice]")
+             "CLIP-S4's), the same less its own segment when another exists (others, HSG's "
+             "segsort+), or its own segment only (own, as SegSort's code) [choice]")
+    arg("--contrast-among", choices=["batch", "image"], default="batch",
+        help="L_c's denominator: every segment of the batch (batch, the paper's) or of the "
+             "pixel's own image (image, SPML's low-level term) [choice]")
     arg("--codebook", type=int, default=256,
         help="conceptcontrast: K codes (its paper: 32-1024, worse below 128) [choice]")
     arg("--lambda-v", type=float, default=2.0, help="conceptcontrast: weight of L_v, the codes")
@@ -257,12 +271,16 @@ def build_objective(args, text, clip, device, keep_targets=False):
     the known names; keep_targets: also return the class each pixel was taught (FollowPixels)."""
     kappa_s = scale_or_clip(args.kappa_s, clip)
     if args.method == "clip-s4":
-        unknown = UnknownPrototypes(args.unknown_protos, text.shape[1], tau=args.unknown_tau,
-                                    scale=scale_or_clip(args.unknown_scale, clip)).to(device)
+        # "ignore" and "none" label no segment unknown: no prototypes to learn
+        protos = args.unknown_protos if args.unknown_rule in ("confidence", "argmax") else 0
+        unknown = UnknownPrototypes(protos, text.shape[1], tau=args.unknown_tau,
+                                    scale=scale_or_clip(args.unknown_scale, clip),
+                                    rule=args.unknown_rule).to(device)
         lambdas = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s}
         return ClipS4Objective(text, unknown, lambdas, args.kappa, args.kappa_e, kappa_s,
                                args.emb_loss, args.positives, args.balance, args.target_at,
-                               keep_targets=keep_targets)
+                               keep_targets=keep_targets, among=args.contrast_among,
+                               pool_unknown=args.balance_unknown == "pooled")
     if args.method == "maskclip+":
         return MaskClipPlusObjective(text, kappa_s, args.self_train_after * args.iters,
                                      args.balance, keep_targets)

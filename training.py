@@ -255,16 +255,19 @@ class FollowPixels:
     """Where each class's pixels go in training (--follow-pixels): of the view pixels whose ground
     truth is class c (read here only, never by a loss), the share the teacher's own pixel label
     calls c, the share the method's training target calls c (L_s's segment label y_s(p), or
-    MaskCLIP+'s pseudo-label) and the share f predicts as c, summed between two log lines. A class
-    lost by the targets is lost before f learns; one kept by the targets and lost by f is lost in
-    the learning. "Small" classes hold under half of an even share of the ground truth, as small
-    things do; the log line shows their means, log.jsonl every class's numbers.
+    MaskCLIP+'s pseudo-label) and the share f predicts as c, summed between two log lines (the
+    recall of c), and of the pixels each of the three calls c, the share that are c (its
+    precision). A class lost by the targets is lost before f learns; one kept by the targets and
+    lost by f is lost in the learning; one named often but in the wrong places has a high recall
+    and a low precision. "Small" classes hold under half of an even share of the ground truth, as
+    small things do; the log line shows their means, log.jsonl every class's numbers.
     classes: the dataset's names; known: the names f is trained on (withheld ones score 0)."""
 
     def __init__(self, classes, known):
         self.names = first_names(classes)
         self.col = torch.tensor([known.index(c) if c in known else -1 for c in classes])
-        self.counts = torch.zeros(4, len(classes), dtype=torch.long)  # gt, teacher, target, f
+        # rows: gt; teacher, target, f right (c called c); teacher, target, f calling c
+        self.counts = torch.zeros(7, len(classes), dtype=torch.long)
 
     @torch.no_grad()
     def add(self, gt, teacher, target, pred):
@@ -275,10 +278,14 @@ class FollowPixels:
         gt = gt.flatten()
         keep = gt < len(self.names)
         gt, col = gt[keep], self.col[gt[keep]]
-        rows = [torch.ones_like(gt, dtype=torch.bool)] + [
-            (m.flatten()[keep] == col) & (col >= 0) for m in (teacher, target, pred)]
+        maps = [m.flatten()[keep] for m in (teacher, target, pred)]
+        rows = [torch.ones_like(gt, dtype=torch.bool)] + [(m == col) & (col >= 0) for m in maps]
         for r, hit in enumerate(rows):
             self.counts[r] += torch.bincount(gt[hit], minlength=len(self.names))
+        known = (self.col >= 0).nonzero().squeeze(1)  # dataset classes that are known names
+        for r, m in enumerate(maps, start=4):  # how many pixels each map calls each known name
+            called = torch.bincount(m[(m >= 0) & (m < len(known))], minlength=len(known))
+            self.counts[r, known] += called[self.col[known]]
 
     @torch.no_grad()
     def add_views(self, labels, grid, clip_map, z, text, target):
@@ -291,8 +298,9 @@ class FollowPixels:
         self.add(gt, nearest(clip_map), target, nearest(z.detach()))
 
     def take(self):
-        """{"gt_share", "teacher", "target", "f"}: per class, in percent (None: no pixels), and
-        the small classes' means; the counts start again."""
+        """{"gt_share", "teacher", "target", "f"} (recall) and {"teacher_precision",
+        "target_precision", "f_precision"}: per class, in percent (None: no pixels, or none
+        called c), and the small classes' means; the counts start again."""
         c, self.counts = self.counts.cpu().double(), torch.zeros_like(self.counts)
         n = c[0].clamp(min=1)
         share = c[0] / c[0].sum().clamp(min=1)
@@ -302,7 +310,18 @@ class FollowPixels:
             pct = 100 * c[r] / n
             out[k] = [v if c[0, j] else None for j, v in enumerate(pct.tolist())]
             out[f"small_{k}"] = float(pct[small].mean()) if small.any() else None
+            called = c[r + 3]
+            prec = 100 * c[r] / called.clamp(min=1)
+            out[f"{k}_precision"] = [v if called[j] else None for j, v in enumerate(prec.tolist())]
+            has = small & (called > 0)
+            out[f"small_{k}_precision"] = float(prec[has].mean()) if has.any() else None
         return out
+
+
+def small_line(follow, who):
+    """The small classes' recall / precision of one of FollowPixels' maps: "47%/21%"."""
+    prec = follow.get(f"small_{who}_precision")
+    return f"{follow[f'small_{who}']:.0f}%" + (f"/{prec:.0f}%" if prec is not None else "")
 
 
 def hms(seconds):
@@ -342,8 +361,8 @@ class RunLog:
               + f") | lr {rec['lr']:.2e} | {seg.count} segments"
               + (f" | unknown {100 * rec['unknown_share']:.0f}%" if "unknown_share" in rec else "")
               + (f" | {rec['codes_used']} codes" if "codes_used" in rec else "")
-              + (f" | small classes: teacher {rec['follow']['small_teacher']:.0f}% target "
-                 f"{rec['follow']['small_target']:.0f}% f {rec['follow']['small_f']:.0f}%"
+              + (f" | small classes: teacher {small_line(rec['follow'], 'teacher')} target "
+                 f"{small_line(rec['follow'], 'target')} f {small_line(rec['follow'], 'f')}"
                  if rec.get("follow", {}).get("small_f") is not None else "")
               + (f" | GPU peak {rec['cuda_peak_gib']:.1f} GiB" if "cuda_peak_gib" in rec else "")
               + f" | {rec['ms']:.0f} ms | ETA {hms(eta)}", flush=True)

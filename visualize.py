@@ -167,7 +167,8 @@ def load_methods(args, device, classes, side):
         unknown = None
         if run["method"] == "clip-s4":
             unknown = restore_unknown(run["unknown"], a["unknown_tau"],
-                                      scale_or_clip(a["unknown_scale"], teacher.clip))
+                                      scale_or_clip(a["unknown_scale"], teacher.clip),
+                                      a["unknown_rule"])
         # the text side of the modality-gap shift: the run's own known names, as in training
         unknown_text = None if unknown is None else class_embeddings(teacher, run["known"])
         methods.append(Method(label=next(labels), embed=f, stride=f.stride,

@@ -30,6 +30,13 @@ def test_follow_pixels_counts_by_hand():
     np.testing.assert_allclose(out["teacher"], [50, 200 / 3, 0])
     np.testing.assert_allclose(out["target"], [100, 200 / 3, 0])
     np.testing.assert_allclose(out["f"], [0, 200 / 3, 0])
+    # precision: of the (non-ignored) pixels each map calls a or b, the share that are; the
+    # teacher calls a 3 times (1 right) and b 4 times (2 right); the target a 3 (2), b 2 (2), its
+    # unknown prototype (2) is no known name; f a 3 (0), b 4 (2); nobody can call the withheld c
+    assert out["teacher_precision"][:2] == pytest.approx([100 / 3, 50])
+    assert out["target_precision"][:2] == pytest.approx([200 / 3, 100])
+    assert out["f_precision"][:2] == pytest.approx([0, 50])
+    assert out["teacher_precision"][2] is None and out["f_precision"][2] is None
     # no class holds under half of an even share (1/6 of 7 pixels): no small mean
     assert out["small_f"] is None
     follow.add(gt[:, :1, :2], teacher[:, :1, :2], target[:, :1, :2], pred[:, :1, :2])
@@ -45,6 +52,8 @@ def test_follow_pixels_small_classes():
     follow.add(gt, gt, gt, pred)
     out = follow.take()
     assert out["small_teacher"] == 100 and out["small_target"] == 100 and out["small_f"] == 0
+    # the teacher calls kite once, rightly; f never calls it: no precision to average
+    assert out["small_teacher_precision"] == 100 and out["small_f_precision"] is None
 
 
 def test_class_balance_by_hand():
