@@ -165,6 +165,21 @@ def embedding_consistency(zs, cs, kappa=10.0, form="nce"):
     return F.cross_entropy(logits, torch.arange(len(zs), device=zs.device))
 
 
+def relational_consistency(zs, cs, temperature=0.1):
+    """L_r [beyond the paper]: keep the teacher's neighbourhoods, not only its labels. Each
+    segment's similarities to the batch's other segments become a distribution, the teacher's the
+    target (softmaxes over s' != s, temperature t):
+        L_r = mean_s KL( softmax(cos(c_s, c_s') / t) || softmax(cos(z_s, z_s') / t) ).
+    Relational distillation as in NeCo's neighbour ordering or CLIP-DINOiser's pooled features:
+    k-NN retrieval reads exactly these relations. c_s carries no gradient. zs, cs (S, D) unit."""
+    eye = torch.eye(len(zs), dtype=torch.bool, device=zs.device)
+    student = (zs @ zs.T / temperature).masked_fill(eye, float("-inf"))  # (S, S)
+    teacher = (cs.detach() @ cs.detach().T / temperature).masked_fill(eye, float("-inf"))
+    log_p, log_q = F.log_softmax(teacher, dim=1), F.log_softmax(student, dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).masked_fill(eye, 0.0)  # 0 * -inf on the diagonal
+    return kl.sum(dim=1).mean()
+
+
 # ----------------------------------------------------------------------------------------------
 # L_s: semantic consistency over known text prototypes and learned unknown prototypes
 # ----------------------------------------------------------------------------------------------
@@ -435,7 +450,8 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
         z (BV, D, h, w) unit, f's embeddings of the views (with gradient); seg Segments of z;
         regions (BV, h, w) superpixel ids, -1 = pad; pix (P,) flat indices of the scored pixels;
         clip_map (BV, D, h, w) unit, the teacher's map warped onto the views (no gradient);
-        text (K, D) unit, the known names; unknown UnknownPrototypes; lambdas {"c", "e", "s"}.
+        text (K, D) unit, the known names; unknown UnknownPrototypes; lambdas {"c", "e", "s"} and
+        optionally "r" (relational_consistency, beyond the paper).
         balance: class_balance's power in L_s; target_at: L_s's label of a pixel, CLIP's label
         of its segment ("segment", y_s) or of the pixel itself ("pixel", beyond the paper);
         among: L_c's denominator, the batch's segments or the pixel's image's; pool_unknown: the
@@ -451,6 +467,8 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
     targets, is_unknown = unknown.targets(cs, text)
     if lambdas["e"]:
         terms["e"] = embedding_consistency(segment_means(z, seg), cs, kappa_e, emb_form)
+    if lambdas.get("r"):
+        terms["r"] = relational_consistency(segment_means(z, seg), cs)
     if lambdas["s"]:
         # (K+M, D): the known names, then the unknown prototypes shifted across the gap
         prototypes = torch.cat([text, unknown.shifted(text)]) if unknown.started else text

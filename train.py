@@ -139,6 +139,9 @@ def parser():
     arg("--lambda-c", type=float, default=1.0, help="weight of L_c, pixel-segment contrastive")
     arg("--lambda-e", type=float, default=1.0, help="weight of L_e, embedding consistency [choice]")
     arg("--lambda-s", type=float, default=1.0, help="weight of L_s, semantic consistency [choice]")
+    arg("--lambda-r", type=float, default=0.0,
+        help="weight of L_r, the teacher's segment neighbourhoods kept (0: off) [beyond the paper; "
+             "losses.relational_consistency]")
     arg("--kappa", type=float, default=10.0, help="concentration of L_c (SegSort's value)")
     arg("--kappa-e", type=float, default=10.0, help="concentration of L_e's InfoNCE [choice]")
     arg("--kappa-s", type=float, default=0.0,
@@ -276,7 +279,7 @@ def build_objective(args, text, clip, device, keep_targets=False):
         unknown = UnknownPrototypes(protos, text.shape[1], tau=args.unknown_tau,
                                     scale=scale_or_clip(args.unknown_scale, clip),
                                     rule=args.unknown_rule).to(device)
-        lambdas = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s}
+        lambdas = {"c": args.lambda_c, "e": args.lambda_e, "s": args.lambda_s, "r": args.lambda_r}
         return ClipS4Objective(text, unknown, lambdas, args.kappa, args.kappa_e, kappa_s,
                                args.emb_loss, args.positives, args.balance, args.target_at,
                                keep_targets=keep_targets, among=args.contrast_among,

@@ -137,3 +137,21 @@ def test_ablate_harness_trains_scores_and_resumes(toy_world, tmp_path):
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 2
     assert (tmp_path / "runs/w0/no-Lc_s0/train.out").stat().st_mtime == before
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
+
+
+def test_relational_consistency_matches_loop_and_is_zero_on_a_copy():
+    g = torch.Generator().manual_seed(5)
+    zs = F.normalize(torch.randn(6, 4, generator=g, dtype=torch.float64), dim=1)
+    cs = F.normalize(torch.randn(6, 4, generator=g, dtype=torch.float64), dim=1)
+    t = 0.2
+    ref = 0.0
+    for s in range(6):
+        others = [o for o in range(6) if o != s]
+        p = torch.softmax(torch.stack([cs[s] @ cs[o] / t for o in others]), 0)
+        q = torch.softmax(torch.stack([zs[s] @ zs[o] / t for o in others]), 0)
+        ref += float((p * (p.log() - q.log())).sum())
+    assert float(L.relational_consistency(zs, cs, t)) == pytest.approx(ref / 6, rel=1e-9)
+    assert float(L.relational_consistency(cs, cs, t)) == pytest.approx(0.0, abs=1e-12)
+    zs.requires_grad_(True)
+    L.relational_consistency(zs, cs, t).backward()
+    assert torch.isfinite(zs.grad).all() and zs.grad.abs().sum() > 0

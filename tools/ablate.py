@@ -46,6 +46,7 @@ VARIANTS = {
     "Lc-image": ["--contrast-among", "image"],
     "Le-cos": ["--emb-loss", "cos"],
     "target-pixel": ["--target-at", "pixel"],
+    "relational": ["--lambda-r", "1"],
 }
 
 
