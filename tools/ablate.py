@@ -105,6 +105,12 @@ def run(cmd, log):
     return time.time() - t
 
 
+def relative(word):
+    """A path inside the repo as the repo's README writes it (data/toy3/toyclip.pt), else as is."""
+    path = Path(word)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else word
+
+
 def pixel_account(log_jsonl, last=3):
     """The training log's pixel-following numbers (training.FollowPixels) over its last `last`
     log lines: the small classes' recall and precision under the target and f, in percent."""
@@ -147,7 +153,7 @@ def train_and_score(args, n, root, name, flags, cf, seed, world):
     ev = json.loads((folder / "eval.json").read_text())
     row = {"lang": scores(ev, world.things), "teacher": scores(ev["teacher"], world.things),
            "follow": pixel_account(folder / "log.jsonl"), "train_minutes": round(minutes, 1),
-           "command": "python " + " ".join(cmd)}
+           "command": "python " + " ".join(relative(c) for c in cmd)}
     if withheld:
         row["withheld"] = {"names": withheld, "mIoU": ev["unknown"]["mIoU"],
                            "known_mIoU": ev["known"]["mIoU"],
