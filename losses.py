@@ -465,10 +465,11 @@ def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, ka
                                                among=among)
     cs = segment_means(clip_map, seg)  # (S, D)
     targets, is_unknown = unknown.targets(cs, text)
+    zs = segment_means(z, seg) if lambdas["e"] or lambdas.get("r") else None  # (S, D), once
     if lambdas["e"]:
-        terms["e"] = embedding_consistency(segment_means(z, seg), cs, kappa_e, emb_form)
+        terms["e"] = embedding_consistency(zs, cs, kappa_e, emb_form)
     if lambdas.get("r"):
-        terms["r"] = relational_consistency(segment_means(z, seg), cs)
+        terms["r"] = relational_consistency(zs, cs)
     if lambdas["s"]:
         # (K+M, D): the known names, then the unknown prototypes shifted across the gap
         prototypes = torch.cat([text, unknown.shifted(text)]) if unknown.started else text
