@@ -2,7 +2,7 @@
 
 Notation used in shape comments: B images, H x W pixels, K classes.
 
-Public API (errors and safe writes: files.py; scores and the k-NN vote: metrics.py):
+Public API (errors and safe writes: util/files.py; scores and the k-NN vote: util/metrics.py):
     load_image(path)               -> (H, W, 3) uint8 RGB, EXIF-rotated, any PIL mode
     list_images(paths)             -> the image files among files and folders
     image_tensor(img)              -> (1, 3, H, W) float in [0, 1]
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from files import UserError, atomic_save
+from util.files import UserError, atomic_save
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IGNORE = 255  # label value that is never scored
@@ -573,7 +573,7 @@ class TwoViews(torch.utils.data.Dataset):
                 `teacher_side`, sides multiples of `stride`
         regions (V, S, S) long: superpixel ids warped onto each view (nearest), -1 = outside
         labels  (V, S, S) long: the ground truth warped the same way, IGNORE outside; only the
-                pixel-following diagnostic reads it (training.FollowPixels), no loss does
+                pixel-following diagnostic reads it (loop.FollowPixels), no loss does
     Deterministic under `seed`: sample i of epoch e uses its own generator, whatever the workers."""
 
     def __init__(self, base, crop_size=336, teacher_side=448, stride=16, max_side=1344,

@@ -42,29 +42,14 @@ from tqdm import tqdm
 
 from data import (DATASETS, IGNORE, EvalImages, SegDataset, add_bad_files_arg, first_names,
                   resize_labels, resize_short_side, test_side)
-from files import UserError, atomic_save, cache_key, read_cache, write_json
-from metrics import (confusion_matrix, knn_vote, language_confusion, majority_labels,
+from util.files import UserError, atomic_save, cache_key, read_cache, write_json
+from util.metrics import (confusion_matrix, knn_vote, language_confusion, majority_labels,
                      per_class_line, segmentation_metrics)
 from losses import image_segments
-from clip_loading import add_clip_args, resolve_clip_args
+from util.clip_loading import add_clip_args, resolve_clip_args
 from model import load_embedder, pick_device
-from training import poly_schedule, saved_on_interrupt
-
-# The supplementary's k-NN numbers on Pascal VOC 2012 (21 classes): Table 3 (pAcc, mAcc) and Table 4
-# (per-class IoU, background first, VOC order).
-PAPER_VOC = {
-    "maskclip": ((91.9, 77.6), [90.5, 69.7, 43.0, 78.4, 59.4, 55.5, 78.3, 77.7, 83.5, 30.9, 77.4,
-                                48.3, 80.5, 77.1, 73.1, 79.1, 59.9, 77.9, 39.5, 77.6, 56.2]),
-    "maskclip+": ((90.9, 78.6), [89.5, 66.2, 34.1, 75.4, 56.3, 64.4, 84.4, 78.0, 82.9, 25.2, 75.7,
-                                 48.5, 77.7, 74.2, 72.8, 74.7, 43.6, 70.8, 37.2, 76.0, 58.6]),
-    "clip-s4": ((93.2, 83.0), [92.4, 83.5, 37.6, 85.7, 69.4, 75.3, 89.5, 79.9, 87.9, 28.2, 83.1,
-                               57.5, 83.9, 82.4, 76.7, 80.1, 50.6, 80.5, 42.4, 81.4, 63.2]),
-    "segsort": ((86.9, None), [87.6, 59.8, 26.4, 58.3, 39.9, 46.2, 64.0, 61.7, 69.5, 9.5, 31.3,
-                               30.4, 59.4, 36.2, 52.5, 63.4, 16.5, 42.4, 26.8, 58.9, 52.1]),
-    "conceptcontrast": ((89.7, None), [89.5, 71.0, 30.9, 73.6, 53.2, 60.4, 80.5, 73.9, 78.6, 17.4,
-                                       47.9, 47.7, 68.5, 51.6, 63.7, 71.8, 36.3, 57.7, 31.7, 72.6,
-                                       55.4])}
-
+from util.benchmarks import PAPER_VOC
+from util.loop import poly_schedule, saved_on_interrupt
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,

@@ -429,125 +429,26 @@ def concept_cooccurrence(z, seg, pix, codes, concepts, kappa=10.0, views=2, rule
 
 
 # ----------------------------------------------------------------------------------------------
-# The objectives: one function per method, each returning the weighted total and its terms
-# ----------------------------------------------------------------------------------------------
-def weighted_total(terms, weights):
-    """sum_k weights[k] * terms[k]: the scalar that is back-propagated."""
-    return sum(weights[k] * v for k, v in terms.items())
-
-
-def clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas, kappa=10.0,
-                      kappa_e=10.0, kappa_s=100.0, emb_form="nce", views=2, positives="region",
-                      balance=0.0, target_at="segment", among="batch", pool_unknown=False):
-    """CLIP-S4's objective (paper; docs/method.md section 7):
-        L = lambda_c L_c + lambda_e L_e + lambda_s L_s
-    L_c pixel-segment contrastive (pixel_segment_contrastive), L_e embedding consistency between our
-    segment embeddings z_s and CLIP's c_s (embedding_consistency), L_s semantic consistency over the
-    known text prototypes and the shifted unknown prototypes (semantic_consistency). A weight of 0
-    skips its term. The unknown prototypes are not moved here: ClipS4Objective moves them after the
-    step from the segments of every process (UnknownPrototypes.update).
-    Args:
-        z (BV, D, h, w) unit, f's embeddings of the views (with gradient); seg Segments of z;
-        regions (BV, h, w) superpixel ids, -1 = pad; pix (P,) flat indices of the scored pixels;
-        clip_map (BV, D, h, w) unit, the teacher's map warped onto the views (no gradient);
-        text (K, D) unit, the known names; unknown UnknownPrototypes; lambdas {"c", "e", "s"} and
-        optionally "r" (relational_consistency, beyond the paper).
-        balance: class_balance's power in L_s; target_at: L_s's label of a pixel, CLIP's label
-        of its segment ("segment", y_s) or of the pixel itself ("pixel", beyond the paper);
-        among: L_c's denominator, the batch's segments or the pixel's image's; pool_unknown: the
-        unknown prototypes weigh as one class in the balance.
-    Returns:
-        (total scalar, terms {"c", "e", "s"} unweighted, cs (S, D) CLIP's segment embeddings,
-        is_unknown (S,) bool: the segments CLIP is not confident about)."""
-    terms = {}
-    if lambdas["c"]:
-        terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, kappa, views, positives,
-                                               among=among)
-    cs = segment_means(clip_map, seg)  # (S, D)
-    targets, is_unknown = unknown.targets(cs, text)
-    zs = segment_means(z, seg) if lambdas["e"] or lambdas.get("r") else None  # (S, D), once
-    if lambdas["e"]:
-        terms["e"] = embedding_consistency(zs, cs, kappa_e, emb_form)
-    if lambdas.get("r"):
-        terms["r"] = relational_consistency(zs, cs)
-    if lambdas["s"]:
-        # (K+M, D): the known names, then the unknown prototypes shifted across the gap
-        prototypes = torch.cat([text, unknown.shifted(text)]) if unknown.started else text
-        pool = len(text) if pool_unknown else None
-        if target_at == "pixel":  # each scored pixel labelled by its own CLIP embedding
-            D = clip_map.shape[1]
-            cp = clip_map.permute(0, 2, 3, 1).reshape(-1, D)[pix]  # (P, D)
-            terms["s"] = semantic_consistency(z, None, pix, unknown.targets(cp, text)[0],
-                                              prototypes, kappa_s, balance, pool)
-        else:
-            terms["s"] = semantic_consistency(z, seg, pix, targets, prototypes, kappa_s, balance,
-                                              pool)
-    return weighted_total(terms, lambdas), terms, cs, is_unknown
-
-
-def segsort_objective(z, seg, regions, pix, lambda_c=1.0, kappa=10.0, views=2,
-                      positives="region"):
-    """SegSort (Hwang et al., ICCV 2019), unsupervised: L = lambda_c L_c, no teacher. With
-    positives "own" a pixel's positive is its own segment, as in SegSort's code; with "region" (the
-    default) this is CLIP-S4's L_c alone, CLIP-S4 without its teacher. Returns (total, terms)."""
-    terms = {"c": pixel_segment_contrastive(z, seg, regions, pix, kappa, views, positives)}
-    return weighted_total(terms, {"c": lambda_c}), terms
-
-
-def concept_contrast_objective(z, seg, regions, pix, concepts, lambdas, kappa=10.0, beta=0.25,
-                               rule="image", views=2, positives="region"):
-    """ConceptContrast's objective (He et al., IJCAI 2022; docs/method.md section 12), no teacher:
-        L = lambda_c L_c + lambda_v L_v + lambda_o L_o
-    L_c its local concepts, the pixel-segment contrast (pixel_segment_contrastive; ConceptContrast
-    calls it L_s), L_v its global concepts (vector_quantization), L_o the co-occurrence of concepts
-    (concept_cooccurrence; its L_c): one letter names one loss across this repo's methods.
-    concepts Concepts; lambdas {"c", "v", "o"}. Returns (total, terms, zs (S, D) detached, codes
-    (S,)): ConceptContrastObjective writes the last two into the memory bank after the step."""
-    zs = segment_means(z, seg)  # (S, D)
-    concepts.start(zs.detach())
-    loss_v, codes = vector_quantization(zs, concepts, beta)
-    bank, _ = concepts.memory()
-    terms = {}
-    if lambdas["c"]:
-        terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, kappa, views, positives, bank)
-    if lambdas["v"]:
-        terms["v"] = loss_v
-    if lambdas["o"]:
-        terms["o"] = concept_cooccurrence(z, seg, pix, codes, concepts, kappa, views, rule)
-    return weighted_total(terms, lambdas), terms, zs.detach(), codes
-
-
-def maskclip_plus_objective(z, clip_map, regions, text, kappa, self_training=False, balance=0.0):
-    """MaskCLIP+: L = CE over pixels of kappa cos(z_p, T_j) against the argmax label of the
-    teacher's map (or, once self-training starts, of f's own detached map) over the known names T.
-    z, clip_map (BV, D, h, w) unit; regions (BV, h, w), -1 = pad. Returns (total, terms)."""
-    labels = pseudo_labels(z.detach() if self_training else clip_map, text, regions)
-    terms = {"p": pseudo_label_loss(z, labels, text, kappa, balance)}
-    return weighted_total(terms, {"p": 1.0}), terms
-
-
-def pseudo_labels(source, text, regions):
-    """MaskCLIP+'s labels: the nearest known name of each pixel of `source` (BV, D, h, w) unit,
-    -1 where regions (BV, h, w) is -1 (outside the view). Returns (BV, h, w) long."""
-    labels = torch.einsum("bdhw,kd->bkhw", source, text).argmax(dim=1)  # (BV, h, w)
-    return labels.masked_fill(regions < 0, -1)
-
-
-# ----------------------------------------------------------------------------------------------
-# The objectives as a run holds them: one object per method, built once from the run's settings,
-# owning what it learns outside the gradient, and called at every step with tensors only
+# The objectives: one object per method, built once from the run's settings, owning what it learns
+# outside the gradient, called at every step with tensors only; its __call__ is the method's
+# equation (docs/method.md section 7; DINO's DINOLoss is the pattern)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class StepLoss:
     """What an objective returns at a step. total: the scalar back-propagated; terms: {letter:
     unweighted loss}; stats: the numbers the log reads ({name: tensor or function}, read at log
     time only, so a step does not wait on the GPU); target: (BV, h, w) long, the class each pixel
-    was taught (a known name, K + an unknown prototype, or -1), built only by an objective made
-    with keep_targets (training.FollowPixels), else None."""
+    was taught (a known name, K + an unknown prototype, or -1), kept only by an objective made
+    with keep_targets (util.loop.FollowPixels), else None."""
     total: torch.Tensor
     terms: dict
     stats: dict = field(default_factory=dict)
     target: torch.Tensor | None = None
+
+
+def weighted_total(terms, weights):
+    """sum_k weights[k] * terms[k]: the scalar that is back-propagated."""
+    return sum(weights[k] * v for k, v in terms.items())
 
 
 def gather(x):
@@ -564,11 +465,19 @@ def gather(x):
     return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
 
 
+def pixel_targets(seg, y):
+    """Each pixel's class from its segment's label y (S,): (BV, h, w) long, -1 outside segments."""
+    return torch.where(seg.ids >= 0, y[seg.ids.clamp(min=0)], -1)
+
+
 class Objective:
     """What every method's objective offers the loop besides being called (each subclass's
     __call__(z, seg, regions, pix, clip_map, step) -> StepLoss): taught, whether it reads the
     teacher's map; state(), what a checkpoint keeps of it, {name: module}; extra_parameters(), the
-    parameters the optimizer moves besides f's. None by default."""
+    parameters the optimizer moves besides f's. None by default. The arguments of __call__:
+    z (BV, D, h, w) unit, f's embeddings of the views (with gradient); seg Segments of z; regions
+    (BV, h, w) superpixel ids, -1 = pad; pix (P,) flat indices of the scored pixels; clip_map (BV,
+    D, h, w) unit, the teacher's map warped onto the views (no gradient), None untaught; step."""
     taught = False
 
     def state(self):
@@ -579,12 +488,21 @@ class Objective:
 
 
 class ClipS4Objective(Objective):
-    """CLIP-S4's L = lambda_c L_c + lambda_e L_e + lambda_s L_s (clip_s4_objective) with its state:
-    the unknown prototypes U, which L_s scores against [T; U'] and which are moved after each step
-    by one k-means step on the segments CLIP is unsure of, from every process (UnknownPrototypes).
+    """CLIP-S4 (paper; docs/method.md section 7):
+        L = lambda_c L_c + lambda_e L_e + lambda_s L_s
+    L_c pixel-segment contrastive (pixel_segment_contrastive), L_e embedding consistency between f's
+    segment embeddings z_s and CLIP's c_s (embedding_consistency), L_s semantic consistency over the
+    known text prototypes and the shifted unknown prototypes (semantic_consistency); optionally
+    lambda_r L_r (relational_consistency, beyond the paper). A weight of 0 skips its term.
+    Its state: the unknown prototypes U, moved after each step by one k-means step on the segments
+    CLIP is unsure of, from every process (UnknownPrototypes.update).
     text (K, D) unit: the known names; unknown: UnknownPrototypes, its rule's tau and scale set;
-    lambdas {"c", "e", "s"}; kappa, kappa_e, kappa_s: the scales of L_c, L_e, L_s (kappa_s
-    resolved: model.scale_or_clip); the rest as clip_s4_objective."""
+    lambdas {"c", "e", "s"} and optionally "r"; kappa, kappa_e, kappa_s: the scales of L_c, L_e,
+    L_s (kappa_s resolved: model.scale_or_clip); emb_form: L_e's form; positives, among: L_c's
+    positives and denominator (pixel_segment_contrastive); balance: class_balance's power in L_s;
+    pool_unknown: the unknown prototypes weigh as one class there; target_at: L_s's label of a
+    pixel, CLIP's label of its segment ("segment", y_s) or of the pixel itself ("pixel", beyond the
+    paper); keep_targets: return what each pixel was taught (StepLoss.target)."""
     taught = True  # reads the teacher's map
 
     def __init__(self, text, unknown, lambdas, kappa=10.0, kappa_e=10.0, kappa_s=100.0,
@@ -600,29 +518,43 @@ class ClipS4Objective(Objective):
         return {"unknown": self.unknown}
 
     def __call__(self, z, seg, regions, pix, clip_map, step=0):
-        """z (BV, D, h, w) f's unit embeddings (with gradient); seg Segments of z; regions (BV, h,
-        w); pix (P,); clip_map (BV, D, h, w) the teacher's unit map on the views. -> StepLoss."""
-        total, terms, cs, is_unknown = clip_s4_objective(
-            z, seg, regions, pix, clip_map, self.text, self.unknown, self.lambdas, self.kappa,
-            self.kappa_e, self.kappa_s, self.emb_form, self.views, self.positives, self.balance,
-            self.target_at, self.among, self.pool_unknown)
-        target = self.taught_classes(seg, clip_map, cs) if self.keep_targets else None
-        self.unknown.update(gather(cs), gather(is_unknown))
-        return StepLoss(total, terms, {"unknown_share": is_unknown.float().mean()}, target)
-
-    def taught_classes(self, seg, clip_map, cs):
-        """L_s's label of every pixel, before the prototypes move: (BV, h, w) long. target_at
-        "segment": its segment's label y_s; "pixel": its own CLIP embedding's."""
-        if self.target_at == "pixel":
-            cp = clip_map.permute(0, 2, 3, 1).flatten(0, 2)  # (BV*h*w, D)
-            return self.unknown.targets(cp, self.text)[0].view(seg.ids.shape)
-        y = self.unknown.targets(cs, self.text)[0]  # (S,)
-        return torch.where(seg.ids >= 0, y[seg.ids.clamp(min=0)], -1)
+        lam, text, unknown, terms = self.lambdas, self.text, self.unknown, {}
+        if lam["c"]:
+            terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, self.kappa, self.views,
+                                                   self.positives, among=self.among)
+        cs = segment_means(clip_map, seg)  # (S, D): CLIP's segment embeddings c_s
+        y, is_unknown = unknown.targets(cs, text)  # (S,): y_s, once per step
+        zs = segment_means(z, seg) if lam["e"] or lam.get("r") else None  # (S, D): z_s
+        if lam["e"]:
+            terms["e"] = embedding_consistency(zs, cs, self.kappa_e, self.emb_form)
+        if lam.get("r"):
+            terms["r"] = relational_consistency(zs, cs)
+        target = None
+        if self.target_at == "pixel":  # each pixel labelled by its own CLIP embedding
+            flat = clip_map.permute(0, 2, 3, 1).flatten(0, 2)  # (BV*h*w, D)
+            target = unknown.targets(flat, text)[0].view(seg.ids.shape)
+        elif self.keep_targets:
+            target = pixel_targets(seg, y)
+        if lam["s"]:
+            # (K+M, D): the known names, then the unknown prototypes shifted across the gap
+            protos = torch.cat([text, unknown.shifted(text)]) if unknown.started else text
+            pool = len(text) if self.pool_unknown else None
+            if self.target_at == "pixel":
+                terms["s"] = semantic_consistency(z, None, pix, target.flatten()[pix], protos,
+                                                  self.kappa_s, self.balance, pool)
+            else:
+                terms["s"] = semantic_consistency(z, seg, pix, y, protos, self.kappa_s,
+                                                  self.balance, pool)
+        unknown.update(gather(cs), gather(is_unknown))
+        return StepLoss(weighted_total(terms, lam), terms,
+                        {"unknown_share": is_unknown.float().mean()},
+                        target if self.keep_targets else None)
 
 
 class MaskClipPlusObjective(Objective):
-    """MaskCLIP+ (maskclip_plus_objective): cross-entropy against the teacher's pseudo-labels until
-    step `self_train_from`, then against f's own (self-training). text (K, D), kappa the logit
+    """MaskCLIP+ (Zhou et al., ECCV 2022): L = CE over pixels of kappa cos(z_p, T_j) against the
+    argmax label of the teacher's map over the known names T (pseudo_labels) until step
+    `self_train_from`, then of f's own detached map (self-training). text (K, D), kappa the logit
     scale (resolved), balance class_balance's power."""
     taught = True
 
@@ -631,31 +563,43 @@ class MaskClipPlusObjective(Objective):
         self.balance, self.keep_targets = balance, keep_targets
 
     def __call__(self, z, seg, regions, pix, clip_map, step=0):
-        self_training = step >= self.self_train_from
-        total, terms = maskclip_plus_objective(z, clip_map, regions, self.text, self.kappa,
-                                               self_training, self.balance)
-        target = None
-        if self.keep_targets:  # the labels it was taught (pseudo_labels again)
-            target = pseudo_labels(z.detach() if self_training else clip_map, self.text, regions)
-        return StepLoss(total, terms, {}, target)
+        source = z.detach() if step >= self.self_train_from else clip_map
+        labels = pseudo_labels(source, self.text, regions)  # (BV, h, w)
+        terms = {"p": pseudo_label_loss(z, labels, self.text, self.kappa, self.balance)}
+        return StepLoss(weighted_total(terms, {"p": 1.0}), terms, {},
+                        labels if self.keep_targets else None)
+
+
+def pseudo_labels(source, text, regions):
+    """MaskCLIP+'s labels: the nearest known name of each pixel of `source` (BV, D, h, w) unit,
+    -1 where regions (BV, h, w) is -1 (outside the view). Returns (BV, h, w) long."""
+    labels = torch.einsum("bdhw,kd->bkhw", source, text).argmax(dim=1)  # (BV, h, w)
+    return labels.masked_fill(regions < 0, -1)
 
 
 class SegSortObjective(Objective):
-    """SegSort, L = lambda_c L_c with no teacher (segsort_objective)."""
+    """SegSort (Hwang et al., ICCV 2019), unsupervised: L = lambda_c L_c, no teacher. With
+    positives "own" a pixel's positive is its own segment, as in SegSort's code; with "region" (the
+    default) this is CLIP-S4's L_c alone, CLIP-S4 without its teacher."""
 
     def __init__(self, lambda_c=1.0, kappa=10.0, positives="region", views=2):
         self.lambda_c, self.kappa, self.positives, self.views = lambda_c, kappa, positives, views
 
     def __call__(self, z, seg, regions, pix, clip_map=None, step=0):
-        total, terms = segsort_objective(z, seg, regions, pix, self.lambda_c, self.kappa,
-                                         self.views, self.positives)
-        return StepLoss(total, terms)
+        terms = {"c": pixel_segment_contrastive(z, seg, regions, pix, self.kappa, self.views,
+                                                self.positives)}
+        return StepLoss(weighted_total(terms, {"c": self.lambda_c}), terms)
 
 
 class ConceptContrastObjective(Objective):
-    """ConceptContrast's L = lambda_c L_c + lambda_v L_v + lambda_o L_o, no teacher
-    (concept_contrast_objective), with its state: the codebook (a parameter the optimizer moves,
-    outside f) and the memory bank, written after each step from every process's segments."""
+    """ConceptContrast (He et al., IJCAI 2022; docs/method.md section 12), no teacher:
+        L = lambda_c L_c + lambda_v L_v + lambda_o L_o
+    L_c its local concepts, the pixel-segment contrast (pixel_segment_contrastive; ConceptContrast
+    calls it L_s), L_v its global concepts (vector_quantization), L_o the co-occurrence of concepts
+    (concept_cooccurrence; its L_c): one letter names one loss across this repo's methods.
+    Its state: the codebook (a parameter the optimizer moves, outside f) and the memory bank,
+    written after each step from every process's segments. concepts Concepts; lambdas {"c", "v",
+    "o"}; rule: concept_cooccurrence's positives."""
 
     def __init__(self, concepts, lambdas, kappa=10.0, beta=0.25, rule="image", positives="region",
                  views=2):
@@ -666,12 +610,24 @@ class ConceptContrastObjective(Objective):
         return {"concepts": self.concepts}
 
     def extra_parameters(self):
-        """The codebook: moved by SGD beside f (training.optimizer_for), outside DDP's module."""
+        """The codebook: moved by SGD beside f (util.loop.optimizer_for), outside DDP's module."""
         return [self.concepts.weight]
 
     def __call__(self, z, seg, regions, pix, clip_map=None, step=0):
-        total, terms, zs, codes = concept_contrast_objective(
-            z, seg, regions, pix, self.concepts, self.lambdas, self.kappa, self.beta, self.rule,
-            self.views, self.positives)
-        self.concepts.remember(gather(zs), gather(codes))
-        return StepLoss(total, terms, {"codes_used": lambda: torch.unique(codes).numel()})
+        lam, concepts = self.lambdas, self.concepts
+        zs = segment_means(z, seg)  # (S, D)
+        concepts.start(zs.detach())
+        loss_v, codes = vector_quantization(zs, concepts, self.beta)
+        bank, _ = concepts.memory()
+        terms = {}
+        if lam["c"]:
+            terms["c"] = pixel_segment_contrastive(z, seg, regions, pix, self.kappa, self.views,
+                                                   self.positives, bank)
+        if lam["v"]:
+            terms["v"] = loss_v
+        if lam["o"]:
+            terms["o"] = concept_cooccurrence(z, seg, pix, codes, concepts, self.kappa,
+                                              self.views, self.rule)
+        concepts.remember(gather(zs.detach()), gather(codes))
+        return StepLoss(weighted_total(terms, lam), terms,
+                        {"codes_used": lambda: torch.unique(codes).numel()})

@@ -5,7 +5,7 @@ Notation used in shape comments (defined once, as in docs/method.md):
     H x W pixels, h x w feature grid, N = 1 + h*w ViT tokens (class token first), K classes,
     S prompt rows (one per class synonym), L tokens of a prompt.
 
-Public API (loading a CLIP: clip_loading.py):
+Public API (loading a CLIP: util/clip_loading.py):
     ClipTeacher(clip, info)                    -> the teacher: .dense(), .text_prototypes()
     class_scores(), prompt_denoising(), key_smoothing()  -> class scores, MaskCLIP's refinements
     PixelEmbedder(dim, backbone)            -> the pixel-embedding network f
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-from clip_loading import TEACHERS, load_clip
-from files import UserError, atomic_save, cache_key, read_cache
+from util.clip_loading import TEACHERS, load_clip
+from util.files import UserError, atomic_save, cache_key, read_cache
 
 PROMPTS = Path(__file__).with_name("prompts.txt")
 # --templates: MaskCLIP's 85 (the paper's) or the 80 OpenAI ImageNet templates the peers use

@@ -10,7 +10,7 @@ Real CLIP (weights fetched by open_clip once, or a local file):
     python segment.py photo.jpg --classes sky grass --clip-pretrained ~/weights/ViT-B-16.pt
 A trained CLIP-S4 run instead of the teacher:
     python segment.py photo.jpg --classes sky grass egg --checkpoint runs/voc_vit16/ckpt.pt
-Tiny CPU setting, seconds, no downloads (after `python toy.py`, see README):
+Tiny CPU setting, seconds, no downloads (after `python toy/prepare.py`, see README):
     python segment.py data/toy/JPEGImages/val_0011.png --classes sky grass water road \
         --clip-config data/toy/toyclip.json --clip-pretrained data/toy/toyclip.pt --size 64
 """
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import list_images, load_image, palette, resize_short_side, resize_labels, save_label_png
-from files import UserError, atomic_save
-from clip_loading import add_clip_args, resolve_clip_args
+from util.files import UserError, atomic_save
+from util.clip_loading import add_clip_args, resolve_clip_args
 from model import (CACHE_DIR, add_refine_args, class_scores, key_smoothing, load_embedder,
                    parse_class_names, pick_device, prompt_denoising, refiner)
 

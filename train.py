@@ -5,7 +5,7 @@ The paper's setting (20k iterations; docs/benchmarks.md gives the time it takes)
 Class-free Pascal Context (fold 0's names withheld everywhere):
     python train.py --dataset context --data-root data/context --unknown-fold 0 \
         --out-dir runs/ctx_f0
-The toy world on 2 CPU cores, after `python toy.py` (its preset is printed at start):
+The toy world on 2 CPU cores, after `python toy/prepare.py` (its preset is printed at start):
     python train.py --dataset toy
 Your own small images (folder layout, short side under 224 px: the same small-image recipe):
     python train.py --dataset folder --data-root DIR --clip-config my_clip.json \
@@ -22,20 +22,21 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-from clip_loading import add_clip_args, load_clip, resolve_clip_args, vision_stride
+from util.clip_loading import add_clip_args, load_clip, resolve_clip_args, vision_stride
 from data import (CONTEXT_FOLDS, DATASETS, SMALL_SIDE, SegDataset, TwoViews, add_bad_files_arg,
                   first_names)
-from files import UserError
+from util.files import UserError
 from losses import (ClipS4Objective, Concepts, ConceptContrastObjective, MaskClipPlusObjective,
                     SegSortObjective, UnknownPrototypes, kmeans_segments, pixel_sample,
                     regions_on_grid)
 from model import (ASPP_RATES, GRID_SHIFT, ClipTeacher, PixelEmbedder, class_embeddings,
                    scale_or_clip)
-from training import (FollowPixels, Phases, RunLog, TeacherCache, Validation, batches, log_extras,
+from util.loop import (FollowPixels, Phases, RunLog, TeacherCache, Validation, batches, log_extras,
                       optimizer_for, optimizer_step, resume, save_checkpoint, saved_on_interrupt,
                       setup_distributed, trim_log)
 
@@ -93,11 +94,21 @@ def dataset_preset(dataset, root, split, stride):
 
 
 def parser():
+    """train.py's flags in groups, as `--help` lists them: the paper's model and data, the method's
+    own knobs, our choices where the paper is silent or beyond it, the baselines', optimisation,
+    and the run (validation, output)."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    arg = p.add_argument
-    # Model
     add_clip_args(p)
+    for add in (model_args, data_args, method_args, choice_args, baseline_args, optim_args,
+                run_args):
+        add(p)
+    return p
+
+
+def model_args(p):
+    g = p.add_argument_group("model", "the teacher's input and f (docs/method.md sections 2-3)")
+    arg = g.add_argument
     arg("--size", type=int, default=448, help="short side of the source the teacher sees [choice]")
     arg("--backbone", default="resnet101", help="f's trunk: resnet101, resnet50, resnet18")
     arg("--backbone-weights", default="auto", help="auto (torchvision's cache), none, or a file")
@@ -107,13 +118,21 @@ def parser():
     arg("--grid", choices=list(GRID_SHIFT), default="centre",
         help="f's cell i looks at the middle of pixels [8i, 8i+8), where it is painted, or at "
              "pixel 8i (corner) [choice; model.PixelEmbedder]")
-    # Data
+
+
+def data_args(p):
+    g = p.add_argument_group("data", "the dataset, its names and the two views of each image")
+    arg = g.add_argument
     arg("--dataset", default="voc", choices=DATASETS)
     arg("--class-names", default=None, help="a file of class names replacing the dataset's")
     arg("--data-root", default=None, help="dataset folder (default data/<dataset>)")
-    add_bad_files_arg(p)
+    add_bad_files_arg(g)
     p.set_defaults(bad_files="check")  # a bad file stops the run before any checkpoint
     arg("--split", default="train", help="split to train on")
+    arg("--unknown-fold", type=int, default=None,
+        help="class-free Pascal Context: withhold fold K's names")
+    arg("--unknown-classes", nargs="+", default=[],
+        help="class-free on any dataset: withhold these names")
     arg("--crop-size", type=int, default=336, help="side of each augmented view (paper: 336)")
     arg("--superpixels", type=int, default=64, help="SLIC regions per image [choice]")
     arg("--superpixel-cache", default=None,
@@ -128,54 +147,55 @@ def parser():
     arg("--workers", type=int, default=2, help="DataLoader worker processes")
     arg("--teacher-cache", type=int, default=4096,
         help="MiB of teacher maps kept in memory (fp16, one per training image; 0: none)")
-    # Method and losses
+
+
+def method_args(p):
+    g = p.add_argument_group("CLIP-S4", "the method's own terms and knobs (docs/method.md 4-8)")
+    arg = g.add_argument
     arg("--method", default="clip-s4",
         choices=["clip-s4", "maskclip+", "segsort", "conceptcontrast"],
         help="segsort and conceptcontrast learn without a teacher: none runs in training")
-    arg("--unknown-fold", type=int, default=None,
-        help="class-free Pascal Context: withhold fold K's names")
-    arg("--unknown-classes", nargs="+", default=[],
-        help="class-free on any dataset: withhold these names")
     arg("--lambda-c", type=float, default=1.0, help="weight of L_c, pixel-segment contrastive")
     arg("--lambda-e", type=float, default=1.0, help="weight of L_e, embedding consistency [choice]")
     arg("--lambda-s", type=float, default=1.0, help="weight of L_s, semantic consistency [choice]")
-    arg("--lambda-r", type=float, default=0.0,
-        help="weight of L_r, the teacher's segment neighbourhoods kept (0: off) [beyond the paper; "
-             "losses.relational_consistency]")
     arg("--kappa", type=float, default=10.0, help="concentration of L_c (SegSort's value)")
     arg("--kappa-e", type=float, default=10.0, help="concentration of L_e's InfoNCE [choice]")
     arg("--kappa-s", type=float, default=0.0,
         help="logit scale of L_s and MaskCLIP+; 0 = CLIP's own [choice]")
-    arg("--balance", type=float, default=0.0,
-        help="class balance of L_s and MaskCLIP+'s cross-entropy: each target class weighs "
-             "(n / (C n_c))^power in its batch; 0 = plain (the paper's), 1 = every class alike "
-             "[beyond the paper; losses.class_balance]")
-    arg("--target-at", choices=["segment", "pixel"], default="segment",
-        help="L_s's label of a pixel: CLIP's label of the pixel's segment (segment, docs/method.md"
-             " section 7) or of the pixel's own CLIP embedding (pixel) [choice]")
-    arg("--balance-unknown", choices=["each", "pooled"], default="each",
-        help="with --balance: each unknown prototype weighs as a class (each), or all of them "
-             "together as one (pooled) [choice]")
-    arg("--emb-loss", default="nce", choices=["nce", "cos"],
-        help="form of L_e: InfoNCE over the batch's segments (nce), or 1 - cos(z_s, c_s), the "
-             "distance the paper's wording suggests (cos) [choice]")
     arg("--kmeans-grid", type=int, default=4, help="k-means starts from a G x G grid [choice]")
     arg("--kmeans-iters", type=int, default=10, help="k-means iterations per step [choice]")
     arg("--kmeans-lambda", type=float, default=1.0, help="weight of position in k-means [choice]")
     arg("--max-pixels", type=int, default=4096, help="pixels per step scored by L_c, L_s [choice]")
     arg("--unknown-protos", type=int, default=20, help="M unknown prototypes [choice]")
-    arg("--unknown-rule", choices=list(UnknownPrototypes.RULES), default="confidence",
-        help="which segments L_s labels unknown: under --unknown-tau, by the nearest prototype "
-             "(confidence); the nearest of the names and the prototypes, the abstract's reading "
-             "(argmax); under tau no label, MaskCLIP+'s conf_thresh (ignore); none, every segment "
-             "its nearest name (none) [choice; losses.UnknownPrototypes.targets]")
     arg("--unknown-tau", type=float, default=0.5,
         help="CLIP confidence below which a segment is unknown [choice]")
     arg("--unknown-scale", type=float, default=0.0,
         help="softmax scale of that confidence; 0 = the CLIP's own logit scale, the paper's 100 "
              "for OpenAI's CLIPs [choice; docs/method.md section 8]")
-    arg("--self-train-after", type=float, default=0.1,
-        help="maskclip+: share of training on the teacher's labels")
+
+
+def choice_args(p):
+    g = p.add_argument_group("readings", "where the paper is silent, other readings of its terms, "
+                             "and terms beyond it (docs/method.md 7-9); the defaults are ours")
+    arg = g.add_argument
+    arg("--balance", type=float, default=0.0,
+        help="class balance of L_s and MaskCLIP+'s cross-entropy: each target class weighs "
+             "(n / (C n_c))^power in its batch; 0 = plain (the paper's), 1 = every class alike "
+             "[beyond the paper; losses.class_balance]")
+    arg("--balance-unknown", choices=["each", "pooled"], default="each",
+        help="with --balance: each unknown prototype weighs as a class (each), or all of them "
+             "together as one (pooled) [choice]")
+    arg("--unknown-rule", choices=list(UnknownPrototypes.RULES), default="confidence",
+        help="which segments L_s labels unknown: under --unknown-tau, by the nearest prototype "
+             "(confidence); the nearest of the names and the prototypes, the abstract's reading "
+             "(argmax); under tau no label, MaskCLIP+'s conf_thresh (ignore); none, every segment "
+             "its nearest name (none) [choice; losses.UnknownPrototypes.targets]")
+    arg("--target-at", choices=["segment", "pixel"], default="segment",
+        help="L_s's label of a pixel: CLIP's label of the pixel's segment (segment, docs/method.md"
+             " section 7) or of the pixel's own CLIP embedding (pixel) [choice]")
+    arg("--emb-loss", default="nce", choices=["nce", "cos"],
+        help="form of L_e: InfoNCE over the batch's segments (nce), or 1 - cos(z_s, c_s), the "
+             "distance the paper's wording suggests (cos) [choice]")
     arg("--positives", choices=["region", "others", "own"], default="region",
         help="L_c's positives of a pixel: the segments of its superpixel in both views (region, "
              "CLIP-S4's), the same less its own segment when another exists (others, HSG's "
@@ -183,6 +203,16 @@ def parser():
     arg("--contrast-among", choices=["batch", "image"], default="batch",
         help="L_c's denominator: every segment of the batch (batch, the paper's) or of the "
              "pixel's own image (image, SPML's low-level term) [choice]")
+    arg("--lambda-r", type=float, default=0.0,
+        help="weight of L_r, the teacher's segment neighbourhoods kept (0: off) [beyond the paper; "
+             "losses.relational_consistency]")
+
+
+def baseline_args(p):
+    g = p.add_argument_group("baselines", "MaskCLIP+ and ConceptContrast (docs/method.md 11-12)")
+    arg = g.add_argument
+    arg("--self-train-after", type=float, default=0.1,
+        help="maskclip+: share of training on the teacher's labels")
     arg("--codebook", type=int, default=256,
         help="conceptcontrast: K codes (its paper: 32-1024, worse below 128) [choice]")
     arg("--lambda-v", type=float, default=2.0, help="conceptcontrast: weight of L_v, the codes")
@@ -195,7 +225,11 @@ def parser():
              "image (image), or all segments of images sharing a code with it (overlap)")
     arg("--memory-bank", type=int, default=0,
         help="conceptcontrast: past segments kept as extra candidates (0: none) [choice]")
-    # Optim
+
+
+def optim_args(p):
+    g = p.add_argument_group("optimisation", "SGD with poly decay (docs/method.md section 9)")
+    arg = g.add_argument
     arg("--iters", type=int, default=20000, help="training iterations (paper: 20k)")
     arg("--batch-size", type=int, default=8, help="images per step, two views each [choice]")
     arg("--lr", type=float, default=3e-3, help="base learning rate, poly decay; head x10 [choice]")
@@ -203,19 +237,23 @@ def parser():
     arg("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     arg("--weight-decay", type=float, default=1e-3, help="SGD weight decay (paper: 1e-3)")
     arg("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    # Validation while training
+    arg("--seed", type=int, default=0)
+
+
+def run_args(p):
+    g = p.add_argument_group("run", "validation while training, the run folder, the log")
+    arg = g.add_argument
     arg("--eval-every", type=int, default=1000,
         help="score f on --eval-images validation images every N steps (0: never)")
     arg("--eval-images", type=int, default=50, help="how many: the first N of the val split")
     arg("--eval-size", type=int, default=None,
         help="their short side for f (default: the dataset's test side; the teacher is scored "
              "once there). evaluate.py, knn.py and visualize.py score the run at this side too")
-    # Output
     arg("--out-dir", default="runs/clip_s4", help="run folder: ckpt.pt, ckpt_prev.pt, log.jsonl")
     arg("--log-every", type=int, default=20, help="a log line every N steps")
     arg("--follow-pixels", action=argparse.BooleanOptionalAction, default=True,
         help="log where each class's pixels go: the share of its ground-truth pixels that the "
-             "teacher, the training target and f call it (training.FollowPixels; the labels "
+             "teacher, the training target and f call it (util.loop.FollowPixels; the labels "
              "are read for this line only)")
     arg("--save-every", type=int, default=1000, help="a checkpoint every N steps and at the end")
     arg("--resume", action="store_true", help="continue the run in --out-dir")
@@ -223,8 +261,6 @@ def parser():
         help="save and stop after N steps of this invocation (0: run to --iters)")
     arg("--profile", action="store_true", help="print each phase's time per step (syncs CUDA)")
     arg("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    arg("--seed", type=int, default=0)
-    return p
 
 
 def parse_command_line(argv=None, defaults=None):
@@ -296,8 +332,8 @@ def build_objective(args, text, clip, device, keep_targets=False):
 
 
 def open_run_folder(args, device, world, lead):
-    """The run folder and its checkpoint paths; a finished or started run is never overwritten
-    without --resume. The first process prints the dataset's preset and every flag of the run."""
+    """The run folder; a finished or started run is never overwritten without --resume. The first
+    process prints the dataset's preset and every flag of the run."""
     out = Path(args.out_dir)
     ckpt_path, prev_path = out / "ckpt.pt", out / "ckpt_prev.pt"
     if (ckpt_path.exists() or prev_path.exists()) and not args.resume:
@@ -308,68 +344,106 @@ def open_run_folder(args, device, world, lead):
             print(f"preset {args.dataset}: "
                   + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.preset.items()))
         print(f"train.py | device {device} x {world} | {json.dumps(vars(args))}")
-    return out, ckpt_path, prev_path
+    return out
 
 
-def main(args):
-    world, rank, device = setup_distributed(args.device)
-    lead = rank == 0  # only the first process writes and validates
-    torch.manual_seed(args.seed)
-    out, ckpt_path, prev_path = open_run_folder(args, device, world, lead)
-
+def build_run(args, device, world, lead, out):
+    """Everything a run holds, built in this order (the seed's draws follow it): the training
+    images and their two views, the teacher, the known names' text prototypes, f, the objective
+    and its state, the optimizer. Returns a namespace of them."""
+    r = SimpleNamespace(world=world)
     # ---- data: the views, and the teacher that maps each source ----
-    base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names,
-                      bad_files=args.bad_files)
-    known, withheld = split_names(base.classes, args.dataset, args.unknown_classes,
-                                  args.unknown_fold)
-    clip, info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu,
-                           device)
-    teacher = ClipTeacher(clip, info, args.teacher).to(device)
-    data = TwoViews(base, args.crop_size, args.size, teacher.stride, n_segments=args.superpixels,
-                    cache_dir=args.superpixel_cache or out / "superpixels", seed=args.seed,
-                    scale=args.view_scale, jitter=args.jitter, gray=args.grayscale)
-
+    r.base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names,
+                        bad_files=args.bad_files)
+    r.known, r.withheld = split_names(r.base.classes, args.dataset, args.unknown_classes,
+                                      args.unknown_fold)
+    r.clip, r.info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu,
+                               device)
+    r.teacher = ClipTeacher(r.clip, r.info, args.teacher).to(device)
+    r.data = TwoViews(r.base, args.crop_size, args.size, r.teacher.stride,
+                      n_segments=args.superpixels,
+                      cache_dir=args.superpixel_cache or out / "superpixels", seed=args.seed,
+                      scale=args.view_scale, jitter=args.jitter, gray=args.grayscale)
     # ---- model: f, the known names' text prototypes, the objective and its state ----
-    text = class_embeddings(teacher, known)  # (K, D)
-    f = PixelEmbedder(text.shape[1], args.backbone, args.backbone_weights, args.head_dim,
-                      args.aspp_rates, GRID_SHIFT[args.grid]).to(device)
-    net = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f  # f: unwrapped
-    objective = build_objective(args, text, clip, device,
-                                keep_targets=lead and args.follow_pixels)
+    r.text = class_embeddings(r.teacher, r.known)  # (K, D)
+    r.f = PixelEmbedder(r.text.shape[1], args.backbone, args.backbone_weights, args.head_dim,
+                        args.aspp_rates, GRID_SHIFT[args.grid]).to(device)
+    r.net = torch.nn.parallel.DistributedDataParallel(r.f) if world > 1 else r.f  # f: unwrapped
+    r.objective = build_objective(args, r.text, r.clip, device,
+                                  keep_targets=lead and args.follow_pixels)
     # the teacher's map of each source, for the methods that learn from it
-    teacher_maps = TeacherCache(teacher, args.teacher_cache) if objective.taught else None
-    follow = (FollowPixels(base.classes, known)
-              if lead and args.follow_pixels and objective.taught else None)
-
+    r.teacher_maps = TeacherCache(r.teacher, args.teacher_cache) if r.objective.taught else None
+    r.follow = (FollowPixels(r.base.classes, r.known)
+                if lead and args.follow_pixels and r.objective.taught else None)
     # ---- optimizer ----
-    outside = objective.extra_parameters()  # parameters DDP does not hold
-    opt, sched = optimizer_for(f, args.lr, args.momentum, args.weight_decay, args.warmup,
-                               args.iters, outside)
-    amp = device.type == "cuda" and not args.no_amp
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    state = {"model": f, **objective.state(), "optimizer": opt, "scheduler": sched,
-             "scaler": scaler}
+    r.outside = r.objective.extra_parameters()  # parameters DDP does not hold
+    r.opt, r.sched = optimizer_for(r.f, args.lr, args.momentum, args.weight_decay, args.warmup,
+                                   args.iters, r.outside)
+    r.amp = device.type == "cuda" and not args.no_amp
+    r.scaler = torch.amp.GradScaler("cuda", enabled=r.amp)
+    r.state = {"model": r.f, **r.objective.state(), "optimizer": r.opt, "scheduler": r.sched,
+               "scaler": r.scaler}
+    return r
 
-    # ---- resume: the newest readable checkpoint, with the run's own network flags ----
-    val = None
+
+def start(args, r, out, device, lead):
+    """The validation split (first process), then the newest readable checkpoint of a resumed run
+    with the run's own network flags, and args.json. Returns the first step."""
+    r.val = None
     if lead and args.eval_every:
         val_split = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names,
                                bad_files=args.bad_files)
-        val = Validation(val_split, args.eval_images, args.eval_size, teacher, f.stride, device)
+        r.val = Validation(val_split, args.eval_images, args.eval_size, r.teacher, r.f.stride,
+                           device)
     network = {"aspp_rates": args.aspp_rates, "grid": args.grid}
-    step = resume(out, state, device, network, val) if args.resume else 0
+    step = resume(out, r.state, device, network, r.val) if args.resume else 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         trim_log(out / "log.jsonl", step)
-    run = {"args": vars(args), "clip": info, "classes": base.classes, "known": known,
-           "withheld": withheld, "dim": text.shape[1], "method": args.method}  # for load_run
-    save = lambda: save_checkpoint(ckpt_path, prev_path, state, step, device,
-                                   {**run, "best": val.best if val is not None else None})
+    return step
 
-    # ---- loop: views -> teacher -> f -> segments -> objective -> step ----
-    f.train()
-    stream = batches(data, args.batch_size, args.seed, args.workers, step, rank, world)
+
+def train_step(args, r, batch, step, phases, device):
+    """One step of the method: views -> the teacher's map -> f -> segments -> objective -> SGD.
+    Returns the objective's StepLoss and the segments."""
+    x = batch["views"].flatten(0, 1).to(device)  # (B, V, 3, S, S) -> (BV, 3, S, S)
+    h, w = x.shape[2] // r.f.stride, x.shape[3] // r.f.stride
+    regions = regions_on_grid(batch["regions"].flatten(0, 1), (h, w), args.grid)
+    regions = regions.to(device)  # (BV, h, w)
+    # the teacher's map warped onto the views, (BV, D, h, w); None for untaught methods
+    clip_map = r.teacher_maps(batch, (h, w), device) if r.teacher_maps else None
+    phases("teacher")
+    with torch.autocast("cuda", dtype=torch.float16, enabled=r.amp):
+        z = r.net(x).float()  # (BV, D, h, w)
+    phases("forward")
+    seg = kmeans_segments(z.detach(), regions, 2, (args.kmeans_grid,) * 2, args.kmeans_iters,
+                          args.kmeans_lambda)
+    pix = pixel_sample(seg, args.max_pixels)
+    phases("kmeans")
+    loss = r.objective(z, seg, regions, pix, clip_map, step)
+    if r.follow is not None:  # where each class's pixels went (ground truth read here only)
+        r.follow.add_views(batch["labels"].flatten(0, 1), args.grid, clip_map, z, r.text,
+                           loss.target)
+    phases("losses")
+    if not torch.isfinite(loss.total):
+        sys.exit(f"step {step}: non-finite loss {({k: v.item() for k, v in loss.terms.items()})}"
+                 f"; stopping, the last good checkpoint is {Path(args.out_dir) / 'ckpt.pt'}")
+    optimizer_step(loss.total, r.opt, r.sched, r.scaler, r.world, r.outside)
+    phases("backward")
+    return loss, seg
+
+
+def train_loop(args, r, step, out, device, rank, lead):
+    """From `step` to --iters (or --stop-after more): a step, then the log line, validation and a
+    checkpoint when due; Ctrl-C saves first. Returns the last step."""
+    ckpt_path, prev_path = out / "ckpt.pt", out / "ckpt_prev.pt"
+    meta = {"args": vars(args), "clip": r.info, "classes": r.base.classes, "known": r.known,
+            "withheld": r.withheld, "dim": r.text.shape[1], "method": args.method}  # load_run
+    save = lambda: save_checkpoint(ckpt_path, prev_path, r.state, step, device,
+                                   {**meta, "best": r.val.best if r.val is not None else None})
+    r.f.train()
+    stream = batches(r.data, args.batch_size, args.seed, args.workers, step, rank, r.world)
     phases = Phases(args.profile, device)
     stop = min(args.iters, step + args.stop_after) if args.stop_after else args.iters
     log = RunLog(out / "log.jsonl", args.iters, args.log_every, args.eval_every,
@@ -380,46 +454,33 @@ def main(args):
             phases("log+save")
             batch = next(stream)
             phases("data")
-            x = batch["views"].flatten(0, 1).to(device)  # (B, V, 3, S, S) -> (BV, 3, S, S)
-            h, w = x.shape[2] // f.stride, x.shape[3] // f.stride
-            regions = regions_on_grid(batch["regions"].flatten(0, 1), (h, w), args.grid)
-            regions = regions.to(device)  # (BV, h, w)
-            # the teacher's map warped onto the views, (BV, D, h, w); None for untaught methods
-            clip_map = teacher_maps(batch, (h, w), device) if teacher_maps else None
-            phases("teacher")
-            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                z = net(x).float()  # (BV, D, h, w)
-            phases("forward")
-            seg = kmeans_segments(z.detach(), regions, 2, (args.kmeans_grid,) * 2,
-                                  args.kmeans_iters, args.kmeans_lambda)
-            pix = pixel_sample(seg, args.max_pixels)
-            phases("kmeans")
-            loss = objective(z, seg, regions, pix, clip_map, step)
-            if follow is not None:  # where each class's pixels went (ground truth read here only)
-                follow.add_views(batch["labels"].flatten(0, 1), args.grid, clip_map, z, text,
-                                 loss.target)
-            phases("losses")
-            if not torch.isfinite(loss.total):
-                sys.exit(f"step {step}: non-finite loss "
-                         f"{({k: v.item() for k, v in loss.terms.items()})}; stopping, the last "
-                         f"good checkpoint is {ckpt_path}")
-            optimizer_step(loss.total, opt, sched, scaler, world, outside)
-            phases("backward")
+            loss, seg = train_step(args, r, batch, step, phases, device)
             step += 1
             if lead and (step % args.log_every == 0 or step == args.iters):
                 log.train(step, stop, loss.total, loss.terms, seg, log_extras(
-                    opt, phases, args.log_every, loss.stats, device, teacher_maps, follow))
+                    r.opt, phases, args.log_every, loss.stats, device, r.teacher_maps, r.follow))
             due = args.eval_every and (step % args.eval_every == 0 or step == stop)
-            if due and val is not None:
+            if due and r.val is not None:
                 t0 = time.perf_counter()
-                r = val(f, step, amp)
-                log.val(step, r, val, time.perf_counter() - t0)
-            if due and world > 1:
+                result = r.val(r.f, step, r.amp)
+                log.val(step, result, r.val, time.perf_counter() - t0)
+            if due and r.world > 1:
                 dist.barrier()  # the other processes wait while the first one validates
             if lead and (step % args.save_every == 0 or step == stop):
                 save()
     if lead:
-        log.done(step, val, ckpt_path)
+        log.done(step, r.val, ckpt_path)
+    return step
+
+
+def main(args):
+    world, rank, device = setup_distributed(args.device)
+    lead = rank == 0  # only the first process writes and validates
+    torch.manual_seed(args.seed)
+    out = open_run_folder(args, device, world, lead)
+    r = build_run(args, device, world, lead, out)
+    step = start(args, r, out, device, lead)
+    train_loop(args, r, step, out, device, rank, lead)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

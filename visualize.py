@@ -1,5 +1,5 @@
 r"""visualize.py: the paper's figures, drawn from our checkpoints on any dataset (supplementary
-A.5-A.6). This script computes what each figure shows; figures.py draws it.
+A.5-A.6). This script computes what each figure shows; util/figures.py draws it.
 
   1. qualitative.png      image | ground truth | one column per method, segmented with the given
                           names; the legend marks the names not given in training (Fig. 1)
@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import figures
+from util import figures
 
 from data import (DATASETS, IGNORE, SegDataset, add_bad_files_arg, first_names, palette,
                   resize_short_side, test_side)
-from files import UserError
-from metrics import majority_labels
+from util.files import UserError
+from util.metrics import majority_labels
 from losses import UnknownPrototypes, image_segments, restore_unknown, segment_means
-from clip_loading import add_clip_args, load_clip, resolve_clip_args
+from util.clip_loading import add_clip_args, load_clip, resolve_clip_args
 from model import (DISPLAY_NAMES, ClipTeacher, class_embeddings, class_scores, load_run,
                    pick_device, scale_or_clip)
 

@@ -33,8 +33,9 @@ def tiny_configs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
-    """The micro toy world (python toy.py --tiny): dataset folder, tiny CLIP config and weights."""
-    import toy
+    """The micro toy world (toy/prepare.py --tiny): dataset folder, tiny CLIP config and
+    weights."""
+    from toy import prepare as toy
     root = tmp_path_factory.mktemp("toy")
     result = toy.main(toy.get_args(["--tiny", "--out-dir", str(root)]))
     return root, result

@@ -139,15 +139,15 @@ def test_objective_is_the_weighted_sum_of_its_terms():
     z, regions, seg, pix = batch(3)
     concepts = L.Concepts(4, z.shape[1]).double()
     lambdas = {"c": 1.0, "v": 2.0, "o": 0.5}
-    total, terms, zs, codes = L.concept_contrast_objective(z, seg, regions, pix, concepts, lambdas)
+    out = L.ConceptContrastObjective(concepts, lambdas)(z, seg, regions, pix)
+    total, terms = out.total, out.terms
     assert set(terms) == {"c", "v", "o"} and bool(concepts.started)
     assert float(total.detach()) == pytest.approx(sum(lambdas[k] * float(v.detach())
                                                       for k, v in terms.items()))
     lc = L.pixel_segment_contrastive(z, seg, regions, pix)
     assert float(terms["c"].detach()) == pytest.approx(float(lc))
-    _, terms, _, _ = L.concept_contrast_objective(z, seg, regions, pix, concepts,
-                                                  {"c": 1.0, "v": 1.0, "o": 0.0})
-    assert set(terms) == {"c", "v"}
+    out = L.ConceptContrastObjective(concepts, {"c": 1.0, "v": 1.0, "o": 0.0})(z, seg, regions, pix)
+    assert set(out.terms) == {"c", "v"}
 
 
 def test_conceptcontrast_trains_resumes_exactly_and_runs_no_teacher(toy_world, tmp_path,

@@ -6,7 +6,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 import data
-import metrics
+from util import metrics
 from data import UserError
 
 

@@ -1,4 +1,4 @@
-"""evaluate.py: the same numbers as toy.py's own MaskCLIP readout, class-free splits,
+"""evaluate.py: the same numbers as toy/prepare.py's own MaskCLIP readout, class-free splits,
 checkpoints."""
 import json
 
@@ -76,7 +76,7 @@ def test_knn_vote_matches_sklearn():
     import torch
     import torch.nn.functional as F
     from sklearn.neighbors import KNeighborsClassifier
-    import metrics
+    from util import metrics
     g = torch.Generator().manual_seed(0)
     memory = F.normalize(torch.randn(300, 8, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 5, (300,), generator=g)
@@ -199,9 +199,9 @@ def test_refine_pamr_runs_on_the_input_image(toy_world, tmp_path):
     (model.pamr), then to the label: the same confusion as that loop written out here."""
     import numpy as np
     import torch.nn.functional as F
-    from clip_loading import load_clip
+    from util.clip_loading import load_clip
     from data import EvalImages, SegDataset, UserError
-    from metrics import confusion_matrix, segmentation_metrics
+    from util.metrics import confusion_matrix, segmentation_metrics
     from model import ClipTeacher, class_scores, pamr
     root, _ = toy_world
     common = ["--dataset", "toy", "--data-root", str(root), "--method", "maskclip", "--limit", "4"]

@@ -1,4 +1,4 @@
-"""Where each class's pixels go: the pixel-following diagnostic (training.FollowPixels), the class
+"""Where each class's pixels go: the pixel-following diagnostic (loop.FollowPixels), the class
 balance of the cross-entropies (losses.class_balance), the ground truth the views carry for the
 diagnostic only, and the per-class validation line."""
 import json
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import data
 import losses as L
 import train
-from training import FollowPixels
+from util.loop import FollowPixels
 
 
 def test_follow_pixels_counts_by_hand():
@@ -130,8 +130,8 @@ def test_pixel_targets_label_each_pixel_by_its_own_clip_embedding():
     pix = L.pixel_sample(seg, 0)
     unknown = L.UnknownPrototypes(0, D, tau=0.4, scale=10.0).double()
     lambdas = {"c": 0.0, "e": 0.0, "s": 1.0}
-    _, terms, _, _ = L.clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown, lambdas,
-                                         kappa_s=5.0, target_at="pixel")
+    terms = L.ClipS4Objective(text, unknown, lambdas, kappa_s=5.0, target_at="pixel")(
+        z, seg, regions, pix, clip_map).terms
     losses_ = []
     for p in pix.tolist():
         b, rem = divmod(p, h * w)
@@ -143,6 +143,6 @@ def test_pixel_targets_label_each_pixel_by_its_own_clip_embedding():
         logits = [5.0 * float(z[b, :, i, j] @ text[k]) for k in range(3)]
         losses_.append(-logits[y] + math.log(sum(math.exp(v) for v in logits)))
     assert float(terms["s"]) == pytest.approx(sum(losses_) / len(losses_), rel=1e-6)
-    _, seg_terms, _, _ = L.clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown,
-                                             lambdas, kappa_s=5.0)
+    seg_terms = L.ClipS4Objective(text, unknown, lambdas, kappa_s=5.0)(z, seg, regions, pix,
+                                                                       clip_map).terms
     assert float(seg_terms["s"]) != pytest.approx(float(terms["s"]))  # one label per view there

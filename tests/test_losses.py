@@ -208,8 +208,8 @@ def test_pseudo_label_loss_is_cross_entropy():
 
 
 def test_clip_s4_objective_is_the_weighted_sum_of_its_terms():
-    """L = lambda_c L_c + lambda_e L_e + lambda_s L_s, each term the function tested above against a
-    loop; a weight of 0 leaves its term out."""
+    """ClipS4Objective: L = lambda_c L_c + lambda_e L_e + lambda_s L_s, each term the function
+    tested above against a loop; a weight of 0 leaves its term out."""
     z, regions = toy_batch()
     clip_map = F.normalize(torch.randn(z.shape, generator=torch.Generator().manual_seed(3),
                                        dtype=torch.float64), dim=1)
@@ -219,21 +219,20 @@ def test_clip_s4_objective_is_the_weighted_sum_of_its_terms():
                                    dtype=torch.float64), dim=1)
     unknown = L.UnknownPrototypes(0, z.shape[1], tau=0.0).double()  # every segment known
     lam = {"c": 0.5, "e": 2.0, "s": 3.0}
-    total, terms, cs, is_unknown = L.clip_s4_objective(z, seg, regions, pix, clip_map, text,
-                                                       unknown, lam, 10.0, 7.0, 20.0, "nce", 2)
+    out = L.ClipS4Objective(text, unknown, lam, 10.0, 7.0, 20.0, "nce")(z, seg, regions, pix,
+                                                                        clip_map)
     ref_cs = L.segment_means(clip_map, seg)
     targets, _ = unknown.targets(ref_cs, text)
     ref = {"c": L.pixel_segment_contrastive(z, seg, regions, pix, 10.0, 2),
            "e": L.embedding_consistency(L.segment_means(z, seg), ref_cs, 7.0, "nce"),
            "s": L.semantic_consistency(z, seg, pix, targets, text, 20.0)}
     for k in ref:
-        torch.testing.assert_close(terms[k], ref[k])
-    torch.testing.assert_close(total, 0.5 * ref["c"] + 2.0 * ref["e"] + 3.0 * ref["s"])
-    torch.testing.assert_close(cs, ref_cs)
-    assert not is_unknown.any()
-    _, terms, _, _ = L.clip_s4_objective(z, seg, regions, pix, clip_map, text, unknown,
-                                         {"c": 1.0, "e": 1.0, "s": 0.0})
-    assert set(terms) == {"c", "e"}
+        torch.testing.assert_close(out.terms[k], ref[k])
+    torch.testing.assert_close(out.total, 0.5 * ref["c"] + 2.0 * ref["e"] + 3.0 * ref["s"])
+    assert float(out.stats["unknown_share"]) == 0.0
+    out = L.ClipS4Objective(text, unknown, {"c": 1.0, "e": 1.0, "s": 0.0})(z, seg, regions, pix,
+                                                                            clip_map)
+    assert set(out.terms) == {"c", "e"}
 
 
 def test_maskclip_plus_objective_labels_from_teacher_then_self():
@@ -241,9 +240,10 @@ def test_maskclip_plus_objective_labels_from_teacher_then_self():
     clip_map = F.normalize(torch.randn(z.shape, generator=torch.Generator().manual_seed(5),
                                        dtype=torch.float64), dim=1)
     text = F.normalize(torch.randn(3, z.shape[1], dtype=torch.float64), dim=1)
-    for source, self_training in ((clip_map, False), (z, True)):
+    objective = L.MaskClipPlusObjective(text, 5.0, self_train_from=1)
+    for source, step in ((clip_map, 0), (z, 1)):  # the teacher's labels, then f's own
         labels = torch.einsum("bdhw,kd->bkhw", source, text).argmax(1)
         labels[regions < 0] = -1  # padding is never a target
-        total, terms = L.maskclip_plus_objective(z, clip_map, regions, text, 5.0, self_training)
-        torch.testing.assert_close(total, L.pseudo_label_loss(z, labels, text, 5.0))
-        assert set(terms) == {"p"}
+        out = objective(z, None, regions, None, clip_map, step)
+        torch.testing.assert_close(out.total, L.pseudo_label_loss(z, labels, text, 5.0))
+        assert set(out.terms) == {"p"}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 
-import clip_loading as C
+from util import clip_loading as C
 import model as M
 from data import UserError
 

@@ -1,6 +1,7 @@
 """The objective objects a run holds (losses.ClipS4Objective and the baselines'): each one called
-with tensors gives what its loss function gives, owns and moves its state as train.py did by hand,
-and builds the map of what each pixel was taught from the same labels the loss used."""
+with tensors gives the weighted sum of its term functions, owns and moves its state as a loop
+written here does by hand, and builds the map of what each pixel was taught from the same labels
+the loss used."""
 import copy
 
 import pytest
@@ -21,7 +22,7 @@ def batch_with_teacher(seed=0, K=3):
     return z, regions, clip_map, text, seg, L.pixel_sample(seg, 0)
 
 
-def test_clip_s4_object_is_its_function_then_one_prototype_update():
+def test_clip_s4_object_is_its_terms_then_one_prototype_update():
     z, regions, clip_map, text, seg, pix = batch_with_teacher()
     lambdas = {"c": 1.0, "e": 0.5, "s": 2.0}
     unknown = L.UnknownPrototypes(4, 6, tau=0.6, scale=10.0)
@@ -32,11 +33,16 @@ def test_clip_s4_object_is_its_function_then_one_prototype_update():
         torch.manual_seed(step)  # the prototypes are seeded from the global generator
         out = objective(z, seg, regions, pix, clip_map, step)
         torch.manual_seed(step)
-        total, terms, cs, is_unknown = L.clip_s4_objective(
-            z, seg, regions, pix, clip_map, text, by_hand, lambdas, 7.0, 3.0, 20.0, balance=1.0)
-        y = by_hand.targets(cs, text)[0]  # the labels before the update
+        cs = L.segment_means(clip_map, seg)
+        y, is_unknown = by_hand.targets(cs, text)  # the labels before the update
+        protos = torch.cat([text, by_hand.shifted(text)]) if by_hand.started else text
+        terms = {"c": L.pixel_segment_contrastive(z, seg, regions, pix, 7.0),
+                 "e": L.embedding_consistency(L.segment_means(z, seg), cs, 3.0),
+                 "s": L.semantic_consistency(z, seg, pix, y, protos, 20.0, 1.0)}
         by_hand.update(cs, is_unknown)
-        assert torch.equal(out.total, total) and out.terms.keys() == terms.keys()
+        total = terms["c"] + 0.5 * terms["e"] + 2.0 * terms["s"]
+        torch.testing.assert_close(out.total, total)
+        assert out.terms.keys() == terms.keys()
         share = float(is_unknown.float().mean())
         assert float(out.stats["unknown_share"]) == pytest.approx(share)
         assert torch.equal(unknown.protos, by_hand.protos)
@@ -66,8 +72,8 @@ def test_maskclip_plus_object_self_trains_from_its_step():
     objective = L.MaskClipPlusObjective(text, kappa=30.0, self_train_from=5, keep_targets=True)
     before, after = objective(z, seg, regions, pix, clip_map, 4), objective(z, seg, regions, pix,
                                                                            clip_map, 5)
-    teacher_loss, _ = L.maskclip_plus_objective(z, clip_map, regions, text, 30.0, False)
-    own_loss, _ = L.maskclip_plus_objective(z, clip_map, regions, text, 30.0, True)
+    teacher_loss = L.pseudo_label_loss(z, L.pseudo_labels(clip_map, text, regions), text, 30.0)
+    own_loss = L.pseudo_label_loss(z, L.pseudo_labels(z, text, regions), text, 30.0)
     assert torch.equal(before.total, teacher_loss) and torch.equal(after.total, own_loss)
     assert torch.equal(before.target, L.pseudo_labels(clip_map, text, regions))
     assert torch.equal(after.target, L.pseudo_labels(z, text, regions))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_loading as C
+from util import clip_loading as C
 import data
 import segment
 

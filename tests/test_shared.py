@@ -7,24 +7,24 @@ from argparse import Namespace
 import pytest
 import torch
 
-import files
+from util import files
 import model as M
 import train
-import training
+from util import loop
 from data import first_names
 
 
 def test_poly_schedule_matches_the_formula():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=2.0)
-    sched = training.poly_schedule(opt, iters=10, warmup=4)
+    sched = loop.poly_schedule(opt, iters=10, warmup=4)
     for s in range(12):
         want = 2.0 * min(1.0, (s + 1) / 4) * (1 - min(s, 9) / 10) ** 0.9
         assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12)
         opt.step()
         sched.step()
     opt = torch.optim.SGD([p], lr=0.1)  # no warm-up: the probe's schedule, exactly
-    sched = training.poly_schedule(opt, iters=7)
+    sched = loop.poly_schedule(opt, iters=7)
     for s in range(7):
         assert opt.param_groups[0]["lr"] == 0.1 * (1 - min(s, 6) / 7) ** 0.9
         opt.step()
@@ -34,14 +34,14 @@ def test_poly_schedule_matches_the_formula():
 def test_saved_on_interrupt_saves_once_and_exits_130(capsys):
     saved = []
     with pytest.raises(SystemExit) as e:
-        with training.saved_on_interrupt(lambda: saved.append(1), lambda: "how to go on"):
+        with loop.saved_on_interrupt(lambda: saved.append(1), lambda: "how to go on"):
             raise KeyboardInterrupt
     assert e.value.code == 130 and saved == [1] and "how to go on" in capsys.readouterr().out
-    with training.saved_on_interrupt(lambda: saved.append(2), lambda: "never"):
+    with loop.saved_on_interrupt(lambda: saved.append(2), lambda: "never"):
         pass
     assert saved == [1]
     with pytest.raises(SystemExit):  # a process that saves nothing still stops
-        with training.saved_on_interrupt(None, lambda: "stopped"):
+        with loop.saved_on_interrupt(None, lambda: "stopped"):
             raise KeyboardInterrupt
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import data
-import clip_loading as C
+from util import clip_loading as C
 import model as M
 import segment
-import toy
-import toyworld
+from toy import prepare as toy
+from toy import world as toyworld
 
 
 WORLD1 = toyworld.make_world(1)

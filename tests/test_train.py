@@ -128,7 +128,7 @@ def test_presets_follow_the_data_and_given_flags_win(tmp_path, tiny_configs):
 
 
 def test_vision_stride_read_from_the_config(tiny_configs):
-    from clip_loading import vision_stride
+    from util.clip_loading import vision_stride
     assert vision_stride(None, clip_config=str(tiny_configs["vit"])) == 8
     assert vision_stride(None, clip_config=str(tiny_configs["rn"])) == 32
     assert vision_stride("ViT-B-32") == 32
@@ -301,8 +301,8 @@ def test_teacher_choice_travels_with_the_checkpoint(toy_world, tmp_path):
 def test_teacher_cache_batches_by_size_and_keeps_each_map(tiny_configs):
     """Sources of two sizes in one batch: each map is the teacher's own map of that image alone,
     rounded to fp16; the second time the same images come, the teacher does not run."""
-    from clip_loading import load_clip
-    from training import TeacherCache
+    from util.clip_loading import load_clip
+    from util.loop import TeacherCache
     teacher = M.ClipTeacher(*load_clip(pretrained="none", config=tiny_configs["vit"]))
     g = torch.Generator().manual_seed(0)
     sources = [torch.rand(3, 32, 48, generator=g), torch.rand(3, 40, 32, generator=g),

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train
-import figures
+from util import figures
 import visualize as V
 from data import SegDataset, UserError
-from clip_loading import load_clip
+from util.clip_loading import load_clip
 from model import ClipTeacher
 
 from test_train import args_for

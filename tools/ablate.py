@@ -12,8 +12,8 @@ stopped continues with --resume; the worlds' superpixel maps are computed once p
     python tools/ablate.py --table          # the table of every finished row, nothing run
 A variant is a name of VARIANTS, "NAME=FLAGS" for flags of your own ("big-e=--lambda-e 2"), and
 "+cf" after either withholds a third of the world's names, things among them (class-free).
-World N lives in data/toyN (world 0: data/toy, `python toy.py --world N ...`); "N=DIR" points
-elsewhere.
+World N lives in data/toyN (world 0: data/toy; `python toy/prepare.py --world N ...`); "N=DIR"
+points elsewhere.
 """
 import argparse
 import hashlib
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repo: the scripts run from here
 sys.path.insert(0, str(ROOT))
-from toyworld import make_world  # noqa: E402  (the world's names: which are things)
+from toy.world import make_world  # the world's names: which are things
 
 # The variants of issue-style ablations: each term off, the unknown rule off, the teacher copied,
 # and the rules beside the paper's reading (docs/method.md gives each one's paper note).
@@ -112,7 +112,7 @@ def relative(word):
 
 
 def pixel_account(log_jsonl, last=3):
-    """The training log's pixel-following numbers (training.FollowPixels) over its last `last`
+    """The training log's pixel-following numbers (loop.FollowPixels) over its last `last`
     log lines: the small classes' recall and precision under the target and f, in percent."""
     recs = [json.loads(x) for x in Path(log_jsonl).read_text().splitlines()]
     follow = [r["follow"] for r in recs if r.get("follow")][-last:]
@@ -160,15 +160,27 @@ def train_and_score(args, n, root, name, flags, cf, seed, world):
                            "teacher_mIoU": ev["teacher"]["unknown"]["mIoU"],
                            "teacher_known_mIoU": ev["teacher"]["known"]["mIoU"]}
     if args.knn:
-        run(["knn.py", *data, "--checkpoint", ck, "--json", str(folder / "knn.json")],
-            folder / "knn.out")
-        row["knn"] = {k: json.loads((folder / "knn.json").read_text())[k] for k in ("mIoU", "pAcc")}
-        teacher = Path(args.runs) / f"w{n}" / "teacher_knn.json"
-        if not teacher.exists():
-            run(["knn.py", *data, *clip, "--method", "maskclip", "--json", str(teacher)],
-                teacher.with_suffix(".out"))
-        row["teacher_knn"] = {k: json.loads(teacher.read_text())[k] for k in ("mIoU", "pAcc")}
+        row.update(knn_scores(args, n, root, folder))
     return row
+
+
+def knn_scores(args, n, root, folder):
+    """k-NN (knn.py) of the run in `folder` at --knn-size and, once per world, of its teacher at
+    half that side (docs/results.md's Table 3 pairing: f's 8 px cells against 16 px patches)."""
+    data = ["--dataset", "folder", "--data-root", str(root)]
+    clip = ["--clip-config", str(root / "toyclip.json"), "--clip-pretrained",
+            str(root / "toyclip.pt")]
+    size = args.knn_size
+    run(["knn.py", *data, "--checkpoint", str(folder / "ckpt.pt"), "--size", str(size), "--json",
+         str(folder / f"knn{size}.json")], folder / f"knn{size}.out")
+    mine = json.loads((folder / f"knn{size}.json").read_text())
+    teacher = Path(args.runs) / f"w{n}" / f"teacher_knn{size // 2}.json"
+    if not teacher.exists():
+        run(["knn.py", *data, *clip, "--method", "maskclip", "--size", str(size // 2), "--json",
+             str(teacher)], teacher.with_suffix(".out"))
+    theirs = json.loads(teacher.read_text())
+    return {"knn": {"size": size, **{k: mine[k] for k in ("mIoU", "pAcc")}},
+            "teacher_knn": {"size": size // 2, **{k: theirs[k] for k in ("mIoU", "pAcc")}}}
 
 
 def torch_version():
@@ -207,7 +219,9 @@ def table(rows):
             lines.append(
                 f"| {n} | {r['variant']} | {r['seed']} | {fmt(lang['mIoU'])} | "
                 f"{fmt(lang['pAcc'])} | {fmt(lang['things'])} | "
-                + (f"{fmt(k['mIoU'])} / {fmt(k['pAcc'])}" if k else "-") + " | "
+                + (f"{fmt(k['mIoU'])} / {fmt(k['pAcc'])}" + ("" if k.get("size") == 128 else
+                                                              f" (f at {k.get('size', 96)} px)")
+                   if k else "-") + " | "
                 + (f"{fmt(w['mIoU'])} / {fmt(w['known_mIoU'])}" if w else "-") + " | "
                 + f"{fmt(f['small_target'], 0)} / {fmt(f['small_target_precision'], 0)}, "
                 f"{fmt(f['small_f'], 0)} / {fmt(f['small_f_precision'], 0)} |")
@@ -223,6 +237,8 @@ def get_args(argv=None):
         help=f"names ({', '.join(VARIANTS)}), NAME=FLAGS, either with +cf")
     arg("--seeds", type=int, nargs="+", default=[0])
     arg("--knn", action="store_true", help="also k-NN (knn.py) for each run and each teacher")
+    arg("--knn-size", type=int, default=128,
+        help="f's short side for k-NN; the teacher's is half (docs/results.md: 128 and 64)")
     arg("--results", default=str(ROOT / "docs/ablation.jsonl"),
         help="finished rows, one JSON line each; read to skip what is done")
     arg("--runs", default=str(ROOT / "runs/ablate"),
@@ -245,12 +261,18 @@ def main(args):
     machine = f"{platform.machine()} x{os.cpu_count()} CPU, torch {torch_version()}"
     for j, ((n, root), (name, flags, cf), seed) in enumerate(jobs, start=1):
         key = row_key(n, name, flags + args.train_extra.split(), seed)
+        if key in done and args.knn and done[key].get("knn", {}).get("size") != args.knn_size:
+            print(f"[{j}/{len(jobs)}] world {n} {name} seed {seed}: k-NN ...", flush=True)
+            done[key] = {**done[key], **knn_scores(args, n, root, Path(args.runs) / f"w{n}"
+                                                   / f"{name}_s{seed}")}
+            results.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+            continue
         if key in done:
             print(f"[{j}/{len(jobs)}] world {n} {name} seed {seed}: done, skipped", flush=True)
             continue
         if not (root / "toyclip.pt").exists():
             raise SystemExit(f"error: world {n} not found in {root}: make it with "
-                             f"`python toy.py --world {n} --backbone-steps 0 --steps 900`")
+                             f"`python toy/prepare.py --world {n} --backbone-steps 0 --steps 900`")
         print(f"[{j}/{len(jobs)}] world {n} {name} seed {seed}: training ...", flush=True)
         t = time.time()
         row = train_and_score(args, n, root, name, flags, cf, seed, make_world(n))

@@ -1,6 +1,7 @@
-"""figures.py: drawing the paper's figures (supplementary A.5-A.6) from arrays that visualize.py
-has already computed. Nothing here runs a network: each function takes images, embeddings or
-labels and returns a matplotlib figure, so a figure can be redrawn, restyled or tested on its own.
+"""util/figures.py: drawing the paper's figures (supplementary A.5-A.6) from arrays that
+visualize.py has already computed. Nothing here runs a network: each function takes images,
+embeddings or labels and returns a matplotlib figure, so a figure can be redrawn, restyled or tested
+on its own.
 
     qualitative         Fig. 1: image | ground truth | one column per method
     class_means_umap    Fig. 2: per class, each method's mean pixel embedding and the text embedding

@@ -1,13 +1,13 @@
-"""bench.py: speed and memory of the stages (docs/benchmarks.md). Numbers are measured, never
+"""tools/bench.py: speed and memory of the stages (docs/benchmarks.md). Numbers are measured, never
 asserted.
 
-    python bench.py dense       # MaskCLIP dense features vs encode_image (RN50, ViT-B-16, 448 px)
-    python bench.py text        # text prototypes of 171 COCO-Stuff names (--plain: 21, both paths)
-    python bench.py segment     # segment.py on 512x384 and 6000x4000 images: time and peak memory
-    python bench.py data        # training samples/s at 336 crops, 0 and 2 workers; superpixel cost
-    python bench.py train       # train.py at the paper setting, teacher cache off and on
-    python bench.py knn         # k-NN retrieval at VOC scale vs scikit-learn's brute force
-    python bench.py eval        # evaluate.py per image: teacher (whole, slide) and f (resnet101)
+    python tools/bench.py dense    # MaskCLIP dense features vs encode_image (RN50, ViT-B-16, 448)
+    python tools/bench.py text     # text prototypes of 171 COCO-Stuff names (--plain: 21, both)
+    python tools/bench.py segment  # segment.py on 512x384 and 6000x4000 images: time, peak memory
+    python tools/bench.py data     # training samples/s at 336 crops, 0 and 2 workers; superpixels
+    python tools/bench.py train    # train.py at the paper setting, teacher cache off and on
+    python tools/bench.py knn      # k-NN retrieval at VOC scale vs scikit-learn's brute force
+    python tools/bench.py eval     # evaluate.py per image: teacher (whole, slide) and f (resnet101)
 
 All use random CLIP weights (the cost of a forward does not depend on the values) and print one
 markdown table row per measurement. `--device cuda` times on a GPU where there is one.
@@ -27,9 +27,11 @@ import open_clip
 import torch
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parent.parent  # the repo: the scripts run from here
+sys.path.insert(0, str(ROOT))
 from data import COCOSTUFF_CLASSES, VOC_CLASSES, SegDataset, TwoViews, collate, superpixels
-from metrics import knn_vote
-from clip_loading import TEACHERS
+from util.metrics import knn_vote
+from util.clip_loading import TEACHERS
 from model import ClipTeacher, PixelEmbedder, class_scores, encode_text_fast, read_templates
 
 
@@ -106,7 +108,8 @@ def bench_segment(args, device):
             cmd = [sys.executable, "segment.py", str(f), "--classes", "sky", "grass", "egg",
                    "--clip-pretrained", "none", "--cache-dir", "", "--out-dir",
                    str(Path(d) / "out"), "--device", args.device]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 cwd=ROOT).stdout
             build, text = re.search(r"model build ([\d.]+) s \| text prototypes ([\d.]+) s",
                                     out).groups()
             fwd = re.search(rf"{f.name} \(\d+x\d+\) (\d+) ms", out).group(1)
@@ -240,7 +243,8 @@ def bench_train(args, device):
                    "--device", args.device, "--unknown-protos", "20", "--teacher-cache", cache,
                    "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
             cmd += ["--no-amp"] if args.no_amp else []
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 cwd=ROOT).stdout
         lines = [ln for ln in out.splitlines() if ln.startswith(("step", "  phases"))]
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
         ms = float(re.search(r"\| (\d+) ms \|", lines[-2]).group(1))

@@ -1,6 +1,6 @@
 """Scores: everything from one confusion matrix (mIoU, pAcc, mAcc, per-class IoU), the scores of
 a subset of classes and the mean and std over several runs, the language-driven protocol that
-fills the matrix, and the k-NN vote over segments (knn.py, bench.py).
+fills the matrix, and the k-NN vote over segments (knn.py, tools/bench.py).
 
 Notation used in shape comments: H x W pixels, K classes, Q queries, N memory rows, D dimension.
 """
@@ -77,7 +77,8 @@ def language_confusion(scores_of, data, num_classes, limit=0, desc=None, refine=
                        decide=None):
     """The language-driven protocol over a split: each image's class scores, upsampled (bilinear) to
     its label, argmax per pixel, one confusion matrix. Used by evaluate.py, train.py's validation
-    and toy.py. No random numbers are drawn, so scoring inside training leaves the run unchanged.
+    and toy/prepare.py. No random numbers are drawn, so scoring inside training leaves the run
+    unchanged.
     Args:
         scores_of: maps an image (1, 3, h, w) float in [0, 1] to class scores (1, K, h', w').
         data: EvalImages; limit: score only the first N images (0: all); desc: a progress-bar title.

@@ -1,10 +1,11 @@
-"""toyworld.py: the procedural worlds of toy.py. A world is a set of class names with their looks
-(stuff: a colour and a texture; things: a shape, colours and the stuff they are usually found on)
-and a way of laying them out; a scene is one image of it with pixel labels and a caption.
+"""toy/world.py: the procedural worlds of toy/prepare.py. A world is a set of class names with their
+looks (stuff: a colour and a texture; things: a shape, colours and the stuff they are usually found
+on) and a way of laying them out; a scene is one image of it with pixel labels and a caption.
 
 World 0 is the hand-written world the toy recipe was tuned on (sky, grass, ..., ball, box, ...).
 Every other world number draws an independent world from its own seed: other names, colours,
-textures, shapes, habitats and layout ranges (toy.py --world N). docs/toy-world.md shows both.
+textures, shapes, habitats and layout ranges (toy/prepare.py --world N). docs/toy-world.md shows
+both.
 
 What makes a toy world a miniature of the real problem (docs/toy-world.md):
 - stuff fills space with texture; things are small, solid, shaped blobs a patch-8 CLIP sees in

@@ -1,18 +1,18 @@
-"""toy.py: the offline toy worlds. Procedural scenes with pixel labels and captions (toyworld.py),
-a tiny CLIP pretrained on the (image, caption) pairs with open_clip's own model classes and
-contrastive loss, and a "toy ImageNet" ResNet-18 (image-level tags on scenes of their own) to
-initialise f.
+"""toy/prepare.py: the offline toy worlds. Procedural scenes with pixel labels and captions
+(toy/world.py), a tiny CLIP pretrained on the (image, caption) pairs with open_clip's own model
+classes and contrastive loss, and a "toy ImageNet" ResNet-18 (image-level tags on scenes of their
+own) to initialise f.
 
 They stand in for what cannot be downloaded here (CLIP's weights, ImageNet weights, Pascal VOC): a
 vision-language model that localises concepts imperfectly, images scored per pixel, class names to
 hold out. World 0 is the one the toy recipe was tuned on; `--world N` draws an independent one
 (other names, looks, shapes, layouts, its own CLIP) to report the same recipe on.
 
-    python toy.py                  # world 0 in data/toy: scenes, toyclip.*, resnet18_toy.pt
-    python toy.py --world 1 --backbone-steps 0   # the untuned world in data/toy1 (no ResNet)
-    python toy.py --backbone-only  # only remake resnet18_toy.pt in an existing world
+    python toy/prepare.py                  # world 0 in data/toy: scenes, toyclip.*, resnet18_toy.pt
+    python toy/prepare.py --world 1 --backbone-steps 0   # untuned world 1 (data/toy1, no ResNet)
+    python toy/prepare.py --backbone-only  # only remake resnet18_toy.pt in an existing world
 Micro world for the tests (seconds):
-    python toy.py --tiny --out-dir /tmp/toy
+    python toy/prepare.py --tiny --out-dir /tmp/toy
 """
 import argparse
 import json
@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: its modules
 from data import EvalImages, SegDataset, load_image
-from files import UserError, atomic_save
-from metrics import language_confusion, segmentation_metrics
-from clip_loading import load_clip
+from util.files import UserError, atomic_save
+from util.metrics import language_confusion, segmentation_metrics
+from util.clip_loading import load_clip
 from model import IMAGENET_MEAN, IMAGENET_STD, ClipTeacher, class_scores
-from toyworld import make_scene, make_world, write_world
+from toy.world import make_scene, make_world, write_world
 
 # ----------------------------------------------------------------------------------------------
 # The tiny CLIP: open_clip's own CLIP class from a JSON config, open_clip's contrastive loss
@@ -42,7 +43,7 @@ def toyclip_config(size, tiny=False, pool="avg", layers=4, width=96):
     """A ViT CLIP small enough to pretrain on a CPU in minutes: `layers` vision blocks, `width`
     channels in both towers. It pools by averaging the patch tokens (pool="avg"):
     with the class token (CLIP's choice, pool="tok") a CLIP this small and this briefly trained
-    reads out far worse per patch (toy.py --pool tok)."""
+    reads out far worse per patch (--pool tok)."""
     w = 64 if tiny else width
     return {"embed_dim": 64, "quick_gelu": False,
             "vision_cfg": {"image_size": size, "layers": 2 if tiny else layers, "width": w,
@@ -230,7 +231,7 @@ def get_args(argv=None):
 
 
 def main(args):
-    print(f"toy.py | {vars(args)}")
+    print(f"toy/prepare.py | {vars(args)}")
     torch.manual_seed(args.seed * 1000 + args.world)  # each world its own CLIP
     root, world = Path(args.out_dir), make_world(args.world)
     t0 = time.perf_counter()

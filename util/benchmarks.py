@@ -43,6 +43,21 @@ def paper_numbers(dataset, label, clip, withheld):
     return "", ""
 
 
+# The supplementary's k-NN numbers on Pascal VOC 2012 (21 classes): Table 3 (pAcc, mAcc) and Table 4
+# (per-class IoU, background first, VOC order).
+PAPER_VOC = {
+    "maskclip": ((91.9, 77.6), [90.5, 69.7, 43.0, 78.4, 59.4, 55.5, 78.3, 77.7, 83.5, 30.9, 77.4,
+                                48.3, 80.5, 77.1, 73.1, 79.1, 59.9, 77.9, 39.5, 77.6, 56.2]),
+    "maskclip+": ((90.9, 78.6), [89.5, 66.2, 34.1, 75.4, 56.3, 64.4, 84.4, 78.0, 82.9, 25.2, 75.7,
+                                 48.5, 77.7, 74.2, 72.8, 74.7, 43.6, 70.8, 37.2, 76.0, 58.6]),
+    "clip-s4": ((93.2, 83.0), [92.4, 83.5, 37.6, 85.7, 69.4, 75.3, 89.5, 79.9, 87.9, 28.2, 83.1,
+                               57.5, 83.9, 82.4, 76.7, 80.1, 50.6, 80.5, 42.4, 81.4, 63.2]),
+    "segsort": ((86.9, None), [87.6, 59.8, 26.4, 58.3, 39.9, 46.2, 64.0, 61.7, 69.5, 9.5, 31.3,
+                               30.4, 59.4, 36.2, 52.5, 63.4, 16.5, 42.4, 26.8, 58.9, 52.1]),
+    "conceptcontrast": ((89.7, None), [89.5, 71.0, 30.9, 73.6, 53.2, 60.4, 80.5, 73.9, 78.6, 17.4,
+                                       47.9, 47.7, 68.5, 51.6, 63.7, 71.8, 36.3, 57.7, 31.7, 72.6,
+                                       55.4])}
+
 # ---- the field's eight benchmarks ----
 # Dataset name -> short title, in the column order of the peers' tables (NACLIP's paper).
 SUITE = {"voc21": "VOC21", "context60": "PC60", "coco-object": "Object", "voc": "VOC20",
@@ -52,7 +67,8 @@ SUITE = {"voc21": "VOC21", "context60": "PC60", "coco-object": "Object", "voc": 
 PEERS_SIDE = {"cityscapes": 560}  # PEERS_SHORT_SIDE elsewhere
 PEERS_WINDOW = {"voc21": None, "voc": None}  # PEERS_CROP elsewhere
 PEERS_SHORT_SIDE, PEERS_CROP, PEERS_STRIDE = 336, 224, 112
-PEER_NAMES = Path(__file__).with_name("classnames")  # their cls_*.txt, as peers_<dataset>.txt
+# the peers' cls_*.txt, as peers_<dataset>.txt, in the repo's classnames/
+PEER_NAMES = Path(__file__).resolve().parent.parent / "classnames"
 # The background rule's threshold per with-background dataset (NACLIP's prob_thd; SCLIP has the
 # same, ClearCLIP 0.5 / 0.15 / 0.4) and its softmax scale (NACLIP's logit_scale).
 BG_THRESHOLD = {"voc21": 0.1, "context60": 0.1, "coco-object": 0.1}

@@ -20,7 +20,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from files import UserError
+from util.files import UserError
 
 TEACHERS = ("maskclip", "sclip", "clearclip", "naclip")  # --teacher; RN50 has only maskclip
 
@@ -181,7 +181,7 @@ def load_clip(name="ViT-B-16", pretrained="openai", config=None, quick_gelu="aut
 
 def add_clip_args(p):
     """The CLIP flags every script shares, defined once. Unset, they mean ViT-B-16 with OpenAI's
-    weights, or on --dataset toy the toy CLIP toy.py wrote (resolve_clip_args)."""
+    weights, or on --dataset toy the toy CLIP toy/prepare.py wrote (resolve_clip_args)."""
     g = p.add_argument_group("CLIP teacher (a --checkpoint brings its own)")
     g.add_argument("--clip", default=None,
                    help="open_clip model name: ViT-B-16 (default) or RN50 as in the paper, or any "

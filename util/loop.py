@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import EvalImages, collate, first_names, test_side, warp
-from files import UserError, atomic_save
+from util.files import UserError, atomic_save
 from losses import regions_on_grid
-from metrics import language_confusion, segmentation_metrics
+from util.metrics import language_confusion, segmentation_metrics
 from model import class_scores, pick_device, read_checkpoint
 
 
