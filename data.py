@@ -22,6 +22,7 @@ Public API (errors and safe writes: util/files.py; scores and the k-NN vote: uti
 import math
 import os
 import warnings
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -196,17 +197,20 @@ COCO_THINGS = 80  # COCO-Stuff's labelTrainIds 0-79 are COCO's things, 80-170 it
 # background rule (model.background_rule), never by a prototype of their own alone.
 WITH_BACKGROUND = ("voc21", "context60", "coco-object")
 
-# name: (base folders tried under --data-root, image dir, label dir per split, split list per
-#        split, default root). "{split}" is filled in; None means "every label file in the folder".
+# How a dataset sits on disk. bases: the base folders tried under --data-root; images: the image
+# folder ("{split}" filled in) or one per split; labels: the label folder per split; lists: the
+# split list per split (None: every label file in the folder is an item, LABEL_GLOBS); root: the
+# default --data-root.
+Layout = namedtuple("Layout", "bases images labels lists root")
 LAYOUTS = {
-    "voc": (
+    "voc": Layout(
         ["VOCdevkit/VOC2012", "."],
         "JPEGImages",
         {"train": "SegmentationClassAug", "val": "SegmentationClass"},
         {"train": "ImageSets/Segmentation/train_aug.txt", "val": "ImageSets/Segmentation/val.txt"},
         "data/voc",
     ),
-    "context": (
+    "context": Layout(
         ["VOCdevkit/VOC2010", "."],
         "JPEGImages",
         {"train": "SegmentationClassContext", "val": "SegmentationClassContext"},
@@ -214,14 +218,14 @@ LAYOUTS = {
          "val": "ImageSets/SegmentationContext/val.txt"},
         "data/context",
     ),
-    "cocostuff": (
+    "cocostuff": Layout(
         ["coco_stuff164k", "."],
         "images/{split}2017",
         {"train": "annotations/train2017", "val": "annotations/val2017"},
         {"train": None, "val": None},
         "data/cocostuff",
     ),
-    "folder": (
+    "folder": Layout(
         ["."],
         "JPEGImages",
         {"train": "SegmentationClass", "val": "SegmentationClass"},
@@ -229,20 +233,20 @@ LAYOUTS = {
         None,
     ),
 }
-LAYOUTS["toy"] = LAYOUTS["folder"][:4] + ("data/toy",)
+LAYOUTS["toy"] = LAYOUTS["folder"]._replace(root="data/toy")
 # The field's eight benchmarks (docs/benchmarks-protocol.md): with-background variants of VOC and
 # Context read the same files; COCO-Object reads COCO-Stuff's labels and maps them at load time.
 LAYOUTS["voc21"] = LAYOUTS["voc"]
 LAYOUTS["context60"] = LAYOUTS["context"]
 LAYOUTS["coco-object"] = LAYOUTS["cocostuff"]
-LAYOUTS["cityscapes"] = (
+LAYOUTS["cityscapes"] = Layout(
     ["cityscapes", "."],
     "leftImg8bit/{split}",
     {"train": "gtFine/train", "val": "gtFine/val"},
     {"train": None, "val": None},
     "data/cityscapes",
 )
-LAYOUTS["ade20k"] = (
+LAYOUTS["ade20k"] = Layout(
     ["ADEChallengeData2016", "."],
     {"train": "images/training", "val": "images/validation"},
     {"train": "annotations/training", "val": "annotations/validation"},
@@ -268,7 +272,7 @@ def first_names(classes):
 
 def image_folder(name, split):
     """The image folder of a layout's split, relative to its base."""
-    image_dir = LAYOUTS[name][1]
+    image_dir = LAYOUTS[name].images
     return image_dir[split] if isinstance(image_dir, dict) else image_dir.format(split=split)
 
 
@@ -289,8 +293,8 @@ def read_class_file(path):
 
 def find_base(name, root):
     """The dataset's base folder under root, or a UserError naming what was expected and found."""
-    bases, image_dir = LAYOUTS[name][0], image_folder(name, "val")
-    root = Path(root or LAYOUTS[name][4] or ".")
+    bases, image_dir = LAYOUTS[name].bases, image_folder(name, "val")
+    root = Path(root or LAYOUTS[name].root or ".")
     if not root.is_dir():
         raise UserError(f"--data-root {root}: no such folder (--dataset {name})")
     for b in bases:
@@ -300,6 +304,40 @@ def find_base(name, root):
     raise UserError(f"--dataset {name}: expected "
                     f"{' or '.join(str(root / b / image_dir) for b in bases)}, "
                     f"found {found or 'an empty folder'} in {root}")
+
+
+def class_map(name, base, background=False):
+    """A dataset's class names and the map from its raw label values to class indices (255 =
+    ignore). Returns (raw names by label value, lut (256,) uint8, the scored class names)."""
+    lut = np.arange(256, dtype=np.uint8)
+    if name == "voc":
+        raw = ["background"] + VOC_CLASSES
+        if not background:
+            lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)  # 0 -> ignore
+    elif name == "context":
+        raw = ["background"] + CONTEXT_CLASSES
+        lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)
+    elif name in ("cocostuff", "coco-object"):
+        raw = list(COCOSTUFF_CLASSES)
+    elif name in ("voc21", "context60"):
+        raw = ["background"] + (VOC_CLASSES if name == "voc21" else CONTEXT_CLASSES)
+    elif name == "cityscapes":
+        raw = list(CITYSCAPES_CLASSES)
+    elif name == "ade20k":
+        raw = ["other"] + ADE20K_CLASSES
+        lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)  # 0 -> ignore
+    else:
+        raw = read_class_file(base / "classes.txt")
+    lut[255] = IGNORE
+    names = [n for v, n in enumerate(raw) if lut[v] != IGNORE]
+    if name == "coco-object":
+        # The peers' cvt_coco_object.py on COCO-Stuff's labels: thing t -> t + 1, every stuff
+        # class -> 0; its 255 -> 256 is stored in a uint8 PNG as 0 by numpy 1.x (the peers pin
+        # 1.26), so unlabelled pixels are background too.
+        lut = np.zeros(256, np.uint8)
+        lut[:COCO_THINGS] = np.arange(1, COCO_THINGS + 1)
+        names = ["background"] + raw[:COCO_THINGS]
+    return raw, lut, names
 
 
 class SegDataset(torch.utils.data.Dataset):
@@ -327,66 +365,42 @@ class SegDataset(torch.utils.data.Dataset):
         if split not in ("train", "val"):
             raise UserError(f"--split {split}: choose train or val")
         base = find_base(name, root)
-        _, _, label_dirs, lists, _ = LAYOUTS[name]
-        image_dir, label_dir = base / image_folder(name, split), base / label_dirs[split]
+        image_dir = base / image_folder(name, split)
+        label_dir = base / LAYOUTS[name].labels[split]
         self.name, self.split, self.on_bad_file, self.bad = name, split, on_bad_file, []
-        # Class names and the map from raw label values to class indices (255 = ignore).
-        lut = np.arange(256, dtype=np.uint8)
-        if name == "voc":
-            raw = ["background"] + VOC_CLASSES
-            if not background:
-                lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)  # 0 -> ignore
-        elif name == "context":
-            raw = ["background"] + CONTEXT_CLASSES
-            lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)
-        elif name in ("cocostuff", "coco-object"):
-            raw = list(COCOSTUFF_CLASSES)
-        elif name in ("voc21", "context60"):
-            raw = ["background"] + (VOC_CLASSES if name == "voc21" else CONTEXT_CLASSES)
-        elif name == "cityscapes":
-            raw = list(CITYSCAPES_CLASSES)
-        elif name == "ade20k":
-            raw = ["other"] + ADE20K_CLASSES
-            lut = np.concatenate([[IGNORE], np.arange(255)]).astype(np.uint8)  # 0 -> ignore
-        else:
-            raw = read_class_file(base / "classes.txt")
-        lut[255] = IGNORE
-        names = [n for v, n in enumerate(raw) if lut[v] != IGNORE]
-        if name == "coco-object":
-            # The peers' cvt_coco_object.py on COCO-Stuff's labels: thing t -> t + 1, every stuff
-            # class -> 0; its 255 -> 256 is stored in a uint8 PNG as 0 by numpy 1.x (the peers pin
-            # 1.26), so unlabelled pixels are background too.
-            lut = np.zeros(256, np.uint8)
-            lut[:COCO_THINGS] = np.arange(1, COCO_THINGS + 1)
-            names = ["background"] + raw[:COCO_THINGS]
-        self.num_raw, self.lut = len(raw), lut
+        raw, self.lut, names = class_map(name, base, background)
+        self.num_raw = len(raw)
         self.background = 0 if name in WITH_BACKGROUND else None
         self.classes = read_class_file(class_names) if class_names else names
         if len(self.classes) != len(names):
             raise UserError(f"{class_names}: {len(self.classes)} names, but {name} has "
                             f"{len(names)} classes")
-        # The items of the split.
-        if lists[split] is None:
-            if not label_dir.is_dir():
-                raise UserError(f"--dataset {name}: expected label folder {label_dir}")
-            pattern, label_suffix, image_suffix = LABEL_GLOBS[name]
-            self.items = []
-            for lp in sorted(label_dir.glob(pattern)):
-                i = lp.name[: -len(label_suffix)]
-                sub = lp.parent.relative_to(label_dir)  # Cityscapes' city folders
-                self.items.append((i, image_dir / sub / f"{i}{image_suffix}", lp))
-        else:
-            lst = base / lists[split]
-            if not lst.is_file():
-                raise UserError(f"--dataset {name}: expected split list {lst}")
-            ids = lst.read_text().split()
-            self.items = [(i, self._image_path(image_dir, i), label_dir / f"{i}.png") for i in ids]
+        self.items = self._list_items(name, base, split, image_dir, label_dir)
         if not self.items:
             raise UserError(f"--dataset {name} --split {split}: no items found under {base}")
         if bad_files not in BAD_FILES:
             raise UserError(f"--bad-files {bad_files}: choose from {', '.join(BAD_FILES)}")
         if bad_files != "stop":
             self.check_files(skip=bad_files == "skip")
+
+    def _list_items(self, name, base, split, image_dir, label_dir):
+        """The split's items, [(id, image path, label path)]: from its split list, or every label
+        file of the folder (LABEL_GLOBS)."""
+        if LAYOUTS[name].lists[split] is None:
+            if not label_dir.is_dir():
+                raise UserError(f"--dataset {name}: expected label folder {label_dir}")
+            pattern, label_suffix, image_suffix = LABEL_GLOBS[name]
+            items = []
+            for lp in sorted(label_dir.glob(pattern)):
+                i = lp.name[: -len(label_suffix)]
+                sub = lp.parent.relative_to(label_dir)  # Cityscapes' city folders
+                items.append((i, image_dir / sub / f"{i}{image_suffix}", lp))
+            return items
+        lst = base / LAYOUTS[name].lists[split]
+        if not lst.is_file():
+            raise UserError(f"--dataset {name}: expected split list {lst}")
+        ids = lst.read_text().split()
+        return [(i, self._image_path(image_dir, i), label_dir / f"{i}.png") for i in ids]
 
     def check_files(self, skip=False, workers=None):
         """Read every item once (in `workers` processes; default: up to 4 for large splits).

@@ -58,74 +58,93 @@ class Row:
 
 
 def get_args(argv=None):
+    """evaluate.py's flags in groups, as `--help` lists them: what is scored, the protocol, the
+    data, the output."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Model
-    p.add_argument("--checkpoint", nargs="+", default=[],
+    model_args(p)
+    add_clip_args(p)  # its own group
+    for add in (protocol_args, data_args, output_args):
+        add(p)
+    return resolve_clip_args(p.parse_args(argv))
+
+
+def model_args(p):
+    g = p.add_argument_group("what is scored",
+                             "the teacher alone, or trained runs (each brings its CLIP)")
+    g.add_argument("--checkpoint", nargs="+", default=[],
                    help="train.py checkpoints (each brings its CLIP); "
                    "several (e.g. the four fold runs) add a mean +- std row")
-    p.add_argument("--method", default=None, choices=["maskclip"],
+    g.add_argument("--method", default=None, choices=["maskclip"],
                    help="maskclip: the frozen teacher alone")
-    p.add_argument("--with-teacher", action="store_true",
+    g.add_argument("--with-teacher", action="store_true",
                    help="also score the teacher of the first --checkpoint (same CLIP, same images, "
                    "at --teacher-size) and print the comparison")
-    p.add_argument("--teacher-size", type=int, default=None,
+    g.add_argument("--teacher-size", type=int, default=None,
                    help="the teacher's test short side (default: the dataset's, 64 for the toy "
                    "CLIP)")
-    add_clip_args(p)
-    p.add_argument("--key-smoothing", action="store_true",
+    g.add_argument("--key-smoothing", action="store_true",
                    help="MaskCLIP refinement (teacher only)")
-    p.add_argument("--prompt-denoising", action="store_true",
+    g.add_argument("--prompt-denoising", action="store_true",
                    help="MaskCLIP refinement (teacher only)")
-    add_refine_args(p)  # every row, the teacher's included
-    # Protocol
-    p.add_argument("--protocol", choices=["maskclip", "peers"], default="maskclip",
+    add_refine_args(g)  # every row, the teacher's included
+
+
+def protocol_args(p):
+    g = p.add_argument_group("protocol",
+                             "the paper's (MaskCLIP's) or the peers' setting, and its parts")
+    g.add_argument("--protocol", choices=["maskclip", "peers"], default="maskclip",
                    help="maskclip: the paper's (MaskCLIP's short side, whole image unless --slide, "
                    "85 templates, our class names); peers: SCLIP / ClearCLIP / NACLIP's shared "
                    "setting as NACLIP runs it (short side 336, 560 on cityscapes; slide 224 / "
                    "stride 112, whole image on voc21 and voc; 80 OpenAI templates; their "
                    "classnames/peers_*.txt names). --size, --slide, --window, --window-stride, "
                    "--templates and --class-names override either")
-    p.add_argument("--templates", choices=list(TEMPLATE_FILES), default=None,
+    g.add_argument("--templates", choices=list(TEMPLATE_FILES), default=None,
                    help="prompt templates: maskclip85 (prompts.txt, the paper's) or openai80 "
                    "(prompts_openai80.txt, the peers'); default: the --protocol's")
-    p.add_argument("--bg-threshold", type=float, default=None,
+    g.add_argument("--bg-threshold", type=float, default=None,
                    help="voc21, context60, coco-object only: a pixel whose top class probability "
                    "is under this becomes background (default 0.1 on each, NACLIP's)")
-    p.add_argument("--logit-scale", type=float, default=LOGIT_SCALE,
+    g.add_argument("--logit-scale", type=float, default=LOGIT_SCALE,
                    help="the background rule's softmax scale on cosines (NACLIP's 40; SCLIP uses "
                    "65 on voc21, 50 on context60 and coco-object; ClearCLIP 50)")
-    p.add_argument("--suite", choices=["eight"], default=None,
+    g.add_argument("--suite", choices=["eight"], default=None,
                    help="eight: score one model on each of the field's eight benchmarks found "
                    "under --data-root (mmsegmentation's layouts), skip the missing ones, print "
                    "one row and the published row of the same teacher")
-    # Data
-    p.add_argument("--dataset", default="voc", choices=DATASETS)
-    p.add_argument("--class-names", default=None,
+
+
+def data_args(p):
+    g = p.add_argument_group("data", "the split scored and the class-free names")
+    g.add_argument("--dataset", default="voc", choices=DATASETS)
+    g.add_argument("--class-names", default=None,
                    help="a file of class names, one class per line, synonyms separated by ';' "
                    "or ',' (the peers' cls_*.txt), replacing the dataset's")
-    add_bad_files_arg(p)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--split", default="val")
-    p.add_argument("--size", type=int, default=None,
+    add_bad_files_arg(g)
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--split", default="val")
+    g.add_argument("--size", type=int, default=None,
                    help="test short side (default: a checkpoint's --eval-size, else 512; 520 for "
                    "context)")
-    p.add_argument("--unknown-fold", type=int, nargs="+", default=[], choices=range(4),
+    g.add_argument("--unknown-fold", type=int, nargs="+", default=[], choices=range(4),
                    help="teacher only: report fold K's classes as unknown (several: a row each, "
                    "and mean +- std)")
-    p.add_argument("--unknown-classes", nargs="+", default=[],
+    g.add_argument("--unknown-classes", nargs="+", default=[],
                    help="teacher only: report these as unknown")
-    p.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
-    p.add_argument("--slide", action="store_true",
+    g.add_argument("--limit", type=int, default=0, help="score only the first N images (0: all)")
+    g.add_argument("--slide", action="store_true",
                    help="score overlapping windows and average (default: whole image)")
-    p.add_argument("--window", type=int, default=None,
+    g.add_argument("--window", type=int, default=None,
                    help="--slide: window side in pixels (default: --size)")
-    p.add_argument("--window-stride", type=int, default=None,
+    g.add_argument("--window-stride", type=int, default=None,
                    help="--slide: step between windows (default: 2/3 window)")
-    # Output
-    p.add_argument("--json", default=None, help="write the metrics here")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    return resolve_clip_args(p.parse_args(argv))
+
+
+def output_args(p):
+    g = p.add_argument_group("output")
+    g.add_argument("--json", default=None, help="write the metrics here")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
 
 def slide_scores(score, x, window, step, stride):
@@ -191,11 +210,36 @@ def load_model(args, device, checkpoint=None, clip_flags=None):
 
 
 @torch.no_grad()
+def header(args, label, base, side, setting, run):
+    """The line that opens a pass: what is scored, on what, under which protocol."""
+    slide = (f"slide {setting['window'] or 'short side'}" if setting["window"] is not None
+             else "whole image")
+    line = (f"evaluate.py | {label} | {base.name} {args.split}: {len(base)} images, "
+            f"{len(base.classes)} classes, short side {side} | {args.protocol} protocol: {slide}, "
+            f"{setting['templates']} templates")
+    if setting["threshold"] is not None:
+        line += f", background below p {setting['threshold']} at scale {args.logit_scale:g}"
+    if run and run["withheld"]:
+        line += f" | unknown: {', '.join(run['withheld'])}"
+    if args.refine == "pamr":
+        line += f" | refine pamr: {args.pamr_iters} iterations, dilations {args.pamr_dilations}"
+    return line
+
+
+@dataclass
+class Pass:
+    """One scored pass: the confusion matrix (K, K), the class names, what to call the row (the
+    method) and its CLIP column."""
+    cm: np.ndarray
+    names: list
+    label: str
+    clip: str
+
+
 def confusion(args, model, base, device, size=None):
     """One pass over the split `base` (a SegDataset) for the teacher or one run (model: an
     Embedder). size: the test short side (default: the protocol's, else the run's --eval-size,
-    else the dataset's). Returns the confusion matrix (K, K), the class names, what to call the
-    row and its CLIP column."""
+    else the dataset's). Returns a Pass."""
     embed, stride, teacher, run = model
     dataset = base.name
     setting = protocol(args, dataset)
@@ -236,25 +280,14 @@ def confusion(args, model, base, device, size=None):
                                base.background)
 
     label = run["method"] if run else teacher.info["teacher"]
-    slide = (f"slide {setting['window'] or 'short side'}" if setting["window"] is not None
-             else "whole image")
-    line = (f"evaluate.py | {label} | {dataset} {args.split}: {len(base)} images, {K} classes, "
-            f"short side {data.side} | {args.protocol} protocol: {slide}, "
-            f"{setting['templates']} templates")
-    if rule:
-        line += f", background below p {setting['threshold']} at scale {args.logit_scale:g}"
-    if run and run["withheld"]:
-        line += f" | unknown: {', '.join(run['withheld'])}"
-    if args.refine == "pamr":
-        line += f" | refine pamr: {args.pamr_iters} iterations, dilations {args.pamr_dilations}"
-    print(line)
+    print(header(args, label, base, data.side, setting, run))
     cm = language_confusion(image_scores, data, K, args.limit,
                             desc=dataset if args.suite else "evaluating",
                             refine=refiner(args.refine, args.pamr_iters, args.pamr_dilations),
                             decide=decide if rule else None)
     clip = teacher.info["name"]  # the table's CLIP column names a teacher other than MaskCLIP
     clip += f" ({teacher.info['teacher']})" if teacher.info["teacher"] != "maskclip" else ""
-    return cm, names, label, clip
+    return Pass(cm, names, label, clip)
 
 
 def scored(cm, names, withheld):
@@ -296,10 +329,10 @@ def score_suite(args, device):
     teacher = model.teacher.info["teacher"]
     results = {}
     for name, base in bases.items():
-        cm, names, label, clip = confusion(args, model, base, device, args.size)
-        results[name] = segmentation_metrics(cm, names)
+        one = confusion(args, model, base, device, args.size)
+        results[name] = segmentation_metrics(one.cm, one.names)
     ours = {d: results[d]["mIoU"] if d in results else None for d in SUITE}
-    title = (f"{DISPLAY_NAMES.get(label, label)}, {clip}, {args.protocol} protocol"
+    title = (f"{DISPLAY_NAMES.get(one.label, one.label)}, {one.clip}, {args.protocol} protocol"
              + (", pamr" if args.refine == "pamr" else ""))
     print("\n| row | " + " | ".join(SUITE.values()) + " | mean |\n" + "|---" * 10 + "|")
     print(suite_line(title, ours))
@@ -314,7 +347,7 @@ def score_suite(args, device):
                   f"{np.mean([ours[d] for d in both]):.1f}, published "
                   f"{np.mean([values[d] for d in both]):.1f}")
     result = {
-        "suite": "eight", "method": label, "teacher": teacher, "clip": clip,
+        "suite": "eight", "method": one.label, "teacher": teacher, "clip": one.clip,
         "protocol": args.protocol, "refine": args.refine, "skipped": skipped,
         **{k: float(np.mean([r[k] for r in results.values()])) for k in ("mIoU", "pAcc", "mAcc")},
         "per_class": {f"{d}/{c}": v for d, r in results.items() for c, v in r["per_class"].items()},
@@ -336,6 +369,13 @@ def main(args):
         return score_suite(args, device)
     base = SegDataset(args.dataset, args.data_root, args.split, bad_files=args.bad_files,
                       class_names=protocol(args, args.dataset)["class_names"])
+    rows, teacher = score_rows(args, base, device)
+    return report(args, rows, teacher)
+
+
+def score_rows(args, base, device):
+    """One pass per model: the teacher (--method; a row per class-free split), each checkpoint,
+    and with --with-teacher the first run's own teacher. Returns (rows, teacher row or None)."""
     rows = []
     if args.method:
         splits = [CONTEXT_FOLDS[k] for k in args.unknown_fold] or [[]]
@@ -344,17 +384,17 @@ def main(args):
         scored(np.zeros((len(names),) * 2, np.int64), names,
                list(args.unknown_classes) + sum(splits, []))
         model = load_model(args, device)
-        cm, names, label, clip = confusion(args, model, base, device, args.size)
+        one = confusion(args, model, base, device, args.size)
         for fold, extra in zip(args.unknown_fold or [None], splits):
             withheld = list(args.unknown_classes) + list(extra)
-            rows.append(Row(label, clip, f"fold {fold}" if fold is not None else "", withheld,
-                            scored(cm, names, withheld)))
+            rows.append(Row(one.label, one.clip, f"fold {fold}" if fold is not None else "",
+                            withheld, scored(one.cm, one.names, withheld)))
     runs = []
     for path in args.checkpoint:
         model = load_model(args, device, path)
-        cm, names, label, clip = confusion(args, model, base, device, args.size)
-        rows.append(Row(label, clip, path, model.run["withheld"],
-                        scored(cm, names, model.run["withheld"])))
+        one = confusion(args, model, base, device, args.size)
+        rows.append(Row(one.label, one.clip, path, model.run["withheld"],
+                        scored(one.cm, one.names, model.run["withheld"])))
         runs.append(model.run)
     teacher = None
     if args.with_teacher:  # the CLIP the first run was trained with, on the same images
@@ -362,11 +402,17 @@ def main(args):
             raise UserError("--with-teacher compares a --checkpoint with its teacher: give a "
                             "checkpoint")
         model = load_model(args, device, clip_flags=runs[0]["args"])
-        cm, names, label, clip = confusion(args, model, base, device, args.teacher_size)
+        one = confusion(args, model, base, device, args.teacher_size)
         withheld = rows[0].withheld
-        teacher = Row(label, clip, "teacher of the first run", withheld,
-                      scored(cm, names, withheld))
-    # ---- report: one markdown table, the supplementary's numbers beside ours ----
+        teacher = Row(one.label, one.clip, "teacher of the first run", withheld,
+                      scored(one.cm, one.names, withheld))
+    return rows, teacher
+
+
+def report(args, rows, teacher):
+    """One markdown table, the supplementary's numbers beside ours; mean +- std of several runs;
+    the teacher -> student line; the per-class line; --json. Returns the first row's metrics (the
+    mean, with "std" and "runs", of several)."""
     print("\n| method | CLIP | run | classes | mIoU | pAcc | mAcc | paper pAcc | paper mAcc |\n"
           + "|---" * 9 + "|")
     for row in ([teacher] if teacher else []) + rows:

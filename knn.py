@@ -187,42 +187,49 @@ def linear_probe(embed, stride, device, train, val, K, path, *, side, crop, batc
                                          batch_sampler=probe_batches(len(train), batch, seed, step),
                                          num_workers=workers)
 
-    def save():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({"classifier": clf.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "step": step}, path)
-
     if step < iters:
         stop = min(iters, step + stop_after) if stop_after else iters
-        bar = tqdm(total=iters, initial=step, desc="linear probe")
-        it, t0 = iter(loader), time.perf_counter()
-        with saved_on_interrupt(save, lambda: f"interrupted: probe saved at step {step} in {path}; "
-                                              "run the same command to continue"):
-            while step < stop:
-                x, y = next(it)
-                with torch.no_grad():
-                    feats = embed(x.to(device)).float()  # (B, D, h, w), frozen
-                logits = F.interpolate(clf(feats), size=y.shape[1:], mode="bilinear",
-                                       align_corners=False)  # (B, K, crop, crop)
-                loss = F.cross_entropy(logits, y.to(device), ignore_index=IGNORE)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if step % save_every == 0 or step == stop:
-                    save()
-        bar.close()
-        print(f"probe: at step {step}/{iters} after {time.perf_counter() - t0:.0f} s, saved to "
-              f"{path}")
+        step = train_probe(embed, clf, opt, sched, loader, device, step, stop, iters, path,
+                           save_every)
         if step < iters:
             return ProbeOutcome(step, False, None)
     with torch.no_grad():  # the language-driven protocol, the probe in place of the text
         cm = language_confusion(lambda x: clf(embed(x.to(device)).float()),
                                 EvalImages(val, side, stride), K, desc="probe on val")
     return ProbeOutcome(step, True, cm)
+
+
+def train_probe(embed, clf, opt, sched, loader, device, step, stop, iters, path, save_every):
+    """The probe's SGD steps from `step` to `stop` on frozen embeddings, saved to `path` every
+    save_every steps, at the stop, and on Ctrl-C. Returns the last step."""
+    def save():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({"classifier": clf.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "step": step}, path)
+
+    bar = tqdm(total=iters, initial=step, desc="linear probe")
+    it, t0 = iter(loader), time.perf_counter()
+    with saved_on_interrupt(save, lambda: f"interrupted: probe saved at step {step} in {path}; "
+                                          "run the same command to continue"):
+        while step < stop:
+            x, y = next(it)
+            with torch.no_grad():
+                feats = embed(x.to(device)).float()  # (B, D, h, w), frozen
+            logits = F.interpolate(clf(feats), size=y.shape[1:], mode="bilinear",
+                                   align_corners=False)  # (B, K, crop, crop)
+            loss = F.cross_entropy(logits, y.to(device), ignore_index=IGNORE)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % save_every == 0 or step == stop:
+                save()
+    bar.close()
+    print(f"probe: at step {step}/{iters} after {time.perf_counter() - t0:.0f} s, saved to {path}")
+    return step
 
 
 def main(args):
@@ -260,23 +267,32 @@ def main(args):
         if not probe.finished:
             sys.exit(0)  # --stop-after: the same command continues it
         return report(probe.confusion, names, label, "linear probe", args.dataset, args.json)
-    # ---- memory of training segments (cached on disk) ----
+    # one cut, the same protocol for training and validation images
+    cut = lambda item: segments_and_labels(embed, item, args.segments, args.kmeans_iters, K,
+                                           args.kmeans_lambda, args.kmeans_at)
     setting = [args.dataset, str(args.data_root), size, args.segments, args.kmeans_iters, n_train]
     if args.kmeans_lambda != 1.0:  # a non-default protocol choice joins the key
         setting.append(args.kmeans_lambda)
     if args.kmeans_at != "features":
         setting.append(args.kmeans_at)
     mem_file = Path(args.memory_dir) / f"{label}_{args.dataset}_{cache_key(ident + setting)}.pt"
-    # one cut, the same protocol for training and validation images
-    cut = lambda item: segments_and_labels(embed, item, args.segments, args.kmeans_iters, K,
-                                           args.kmeans_lambda, args.kmeans_at)
+    memory, mem_labels = training_memory(cut, EvalImages(train, size, stride), n_train, mem_file)
+    memory, mem_labels = memory.to(device).float(), mem_labels.to(device)
+    cm, ceiling = vote(cut, EvalImages(val, size, stride), memory, mem_labels, args.k, K,
+                       args.chunk)
+    return report(cm, names, label, "k-NN", args.dataset, args.json, ceiling)
+
+
+def training_memory(cut, data, n_train, mem_file):
+    """The memory of training segments: each of the first n_train images of `data` cut into
+    segments (cut: an item -> embeddings (S, D), labels (S,), ids), the labelled ones kept;
+    cached on disk in mem_file. Returns (embeddings (N, D) fp16, labels (N,))."""
     cached = read_cache(mem_file, "memory")
     if cached is not None:
         memory, mem_labels = cached
         print(f"memory: {len(memory)} segments from {mem_file}")
     else:
         rows, labs = [], []
-        data = EvalImages(train, size, stride)
         for i in tqdm(range(n_train), desc="training segments"):
             emb, lab, _ = cut(data[i])
             rows.append(emb[lab >= 0].half().cpu())
@@ -285,20 +301,23 @@ def main(args):
         mem_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_save((memory, mem_labels), mem_file)
         print(f"memory: {len(memory)} segments written to {mem_file}")
-    memory, mem_labels = memory.to(device).float(), mem_labels.to(device)
-    # ---- vote for each validation segment, paint, score ----
-    # The segment ceiling: each validation segment painted with its own majority label, the best
-    # any vote can do with these segments. k-NN below it: retrieval's loss; below 100: segments'.
+    return memory, mem_labels
+
+
+def vote(cut, data, memory, mem_labels, k, K, chunk):
+    """Each validation segment of `data` labelled by the vote of its k nearest training segments,
+    painted and scored. Returns the confusion matrix (K, K) and the segment ceiling's: each
+    segment painted with its own majority label, the best any vote can do with these segments
+    (k-NN below it: retrieval's loss; the ceiling below 100: the segments')."""
     cm, ceiling = np.zeros((K, K), np.int64), np.zeros((K, K), np.int64)
-    data = EvalImages(val, size, stride)
     for i in tqdm(range(len(data)), desc="validation segments"):
         item = data[i]
         emb, own, ids = cut(item)
-        pred = knn_vote(emb.float(), memory, mem_labels, args.k, K, args.chunk).cpu()[ids]  # (H, W)
+        pred = knn_vote(emb.float(), memory, mem_labels, k, K, chunk).cpu()[ids]  # (H, W)
         cm += confusion_matrix(pred.numpy(), item["label"].numpy(), K)
         own = own.clamp(min=0)  # -1: a segment without a labelled pixel, so never scored
         ceiling += confusion_matrix(own[ids].numpy(), item["label"].numpy(), K)
-    return report(cm, names, label, "k-NN", args.dataset, args.json, ceiling)
+    return cm, ceiling
 
 
 def report(cm, names, label, protocol, dataset, json_path=None, ceiling=None):

@@ -20,6 +20,7 @@ source image of each segment; region (S,) its superpixel id."""
 
 # ----------------------------------------------------------------------------------------------
 # Segments (SegSort / HSG): spherical k-means on embedding + position, intersected with regions
+# (docs/method.md section 6)
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def kmeans_segments(z, regions, views=2, grid=(4, 4), iters=10, lam=1.0):
@@ -95,7 +96,7 @@ def pixel_sample(seg, max_pixels, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# L_c: pixel-segment contrastive (paper; SegSort)
+# L_c: pixel-segment contrastive (paper; SegSort) -- docs/method.md section 7
 # ----------------------------------------------------------------------------------------------
 def segment_contrast(zp, zs, pos, kappa, among=None):
     """The pixel-segment contrast shared by L_c, SegSort and ConceptContrast's terms:
@@ -151,7 +152,7 @@ def pixel_segment_contrastive(z, seg, regions, pix, kappa=10.0, views=2, positiv
 
 
 # ----------------------------------------------------------------------------------------------
-# L_e: embedding consistency with CLIP's dense map, at segment level (paper)
+# L_e: embedding consistency with CLIP's dense map, at segment level (paper) -- docs/method.md 7
 # ----------------------------------------------------------------------------------------------
 def embedding_consistency(zs, cs, kappa=10.0, form="nce"):
     """Pull each segment embedding z_s toward CLIP's embedding c_s of the same segment.
@@ -182,6 +183,7 @@ def relational_consistency(zs, cs, temperature=0.1):
 
 # ----------------------------------------------------------------------------------------------
 # L_s: semantic consistency over known text prototypes and learned unknown prototypes
+# (paper) -- docs/method.md sections 7 and 8
 # ----------------------------------------------------------------------------------------------
 def semantic_consistency(z, seg, pix, targets, prototypes, kappa, balance=0.0, pool_from=None):
     """L_s = mean_p CE( kappa cos(z_p, P_j) over j, y_{s(p)} ): our per-pixel prediction over the
@@ -311,6 +313,7 @@ def restore_unknown(saved, tau, scale, rule="confidence"):
 
 # ----------------------------------------------------------------------------------------------
 # MaskCLIP+ baseline: cross-entropy on pseudo-labels with the text embeddings as a fixed classifier
+# (docs/method.md section 11)
 # ----------------------------------------------------------------------------------------------
 def pseudo_label_loss(z, labels, text, kappa, balance=0.0):
     """MaskCLIP+: CE( kappa cos(z_p, T_j), label_p ) per pixel; labels (BV, h, w), -1 ignored;
@@ -323,6 +326,7 @@ def pseudo_label_loss(z, labels, text, kappa, balance=0.0):
 
 # ----------------------------------------------------------------------------------------------
 # ConceptContrast (He et al., IJCAI 2022): local, global and co-occurring concepts, no teacher
+# (docs/method.md section 12)
 # ----------------------------------------------------------------------------------------------
 class Concepts(nn.Module):
     """ConceptContrast's global concepts: a codebook of K learned unit vectors e_k (a parameter,

@@ -352,7 +352,7 @@ def build_run(args, device, world, lead, out):
     images and their two views, the teacher, the known names' text prototypes, f, the objective
     and its state, the optimizer. Returns a namespace of them."""
     r = SimpleNamespace(world=world)
-    # ---- data: the views, and the teacher that maps each source ----
+    # ---- 1. data: the views, and the teacher that maps each source (docs/method.md 2, 5) ----
     r.base = SegDataset(args.dataset, args.data_root, args.split, class_names=args.class_names,
                         bad_files=args.bad_files)
     r.known, r.withheld = split_names(r.base.classes, args.dataset, args.unknown_classes,
@@ -364,7 +364,7 @@ def build_run(args, device, world, lead, out):
                       n_segments=args.superpixels,
                       cache_dir=args.superpixel_cache or out / "superpixels", seed=args.seed,
                       scale=args.view_scale, jitter=args.jitter, gray=args.grayscale)
-    # ---- model: f, the known names' text prototypes, the objective and its state ----
+    # ---- 2. f, the known names' text prototypes (3, 4), the objective and its state (7, 8) ----
     r.text = class_embeddings(r.teacher, r.known)  # (K, D)
     r.f = PixelEmbedder(r.text.shape[1], args.backbone, args.backbone_weights, args.head_dim,
                         args.aspp_rates, GRID_SHIFT[args.grid]).to(device)
@@ -375,7 +375,7 @@ def build_run(args, device, world, lead, out):
     r.teacher_maps = TeacherCache(r.teacher, args.teacher_cache) if r.objective.taught else None
     r.follow = (FollowPixels(r.base.classes, r.known)
                 if lead and args.follow_pixels and r.objective.taught else None)
-    # ---- optimizer ----
+    # ---- 3. optimizer (9) ----
     r.outside = r.objective.extra_parameters()  # parameters DDP does not hold
     r.opt, r.sched = optimizer_for(r.f, args.lr, args.momentum, args.weight_decay, args.warmup,
                                    args.iters, r.outside)
@@ -405,8 +405,8 @@ def start(args, r, out, device, lead):
 
 
 def train_step(args, r, batch, step, phases, device):
-    """One step of the method: views -> the teacher's map -> f -> segments -> objective -> SGD.
-    Returns the objective's StepLoss and the segments."""
+    """One step of the method (docs/method.md 5-9): views -> the teacher's map -> f -> segments
+    -> objective -> SGD. Returns the objective's StepLoss and the segments."""
     x = batch["views"].flatten(0, 1).to(device)  # (B, V, 3, S, S) -> (BV, 3, S, S)
     h, w = x.shape[2] // r.f.stride, x.shape[3] // r.f.stride
     regions = regions_on_grid(batch["regions"].flatten(0, 1), (h, w), args.grid)

@@ -318,6 +318,72 @@ def unknown_rows(m, p, names, assigned, strip):
     return [(text, sel) for _, text, sel in rows]
 
 
+def figure_1(args, methods, base, names, known, rng):
+    """Fig. 1, qualitative results: the picked images (--image-ids, else --images at random), each
+    method's segmentation with --classes (default: the dataset's names)."""
+    if args.image_ids:
+        ids = [it[0] for it in base.items]
+        missing = [i for i in args.image_ids if i not in ids]
+        if missing:
+            raise UserError(f"--image-ids: {missing} not in {args.dataset} {args.split}")
+        picks = [ids.index(i) for i in args.image_ids]
+    else:
+        picks = rng.choice(len(base), min(args.images, len(base)), replace=False)
+        picks = sorted(picks.tolist())
+    class_names = args.classes or names
+    if len(set(class_names)) != len(class_names):
+        raise UserError("--classes: a name is given twice")
+    rows, cols, colours = qualitative_panels(methods, base, picks, class_names, names)
+    return figures.qualitative(rows, cols, [base[i]["id"] for i in picks], colours, class_names,
+                               known)
+
+
+def figure_2(args, methods, passes, names):
+    """Fig. 2, the class means of each method's segment embeddings and the text prototypes in one
+    UMAP, over the classes present in every method's pass; prints their alignment to the text."""
+    counts = torch.stack([p.counts for p in passes]).min(0).values
+    present = (counts > 0).nonzero().squeeze(1).tolist()
+    fig, align = figures.class_means_umap([m.label for m in methods],
+                                          [p.means[present] for p in passes],
+                                          methods[0].text.cpu()[present],
+                                          [names[k] for k in present], args.seed)
+    print("mean cosine of class means to text: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in align.items()))
+    return fig
+
+
+def figure_3(args, methods, passes, names, known_idx):
+    """Fig. 3, the validation segments each unknown prototype took, a strip per prototype, for the
+    first CLIP-S4 run with learned prototypes; None (and a line saying why) when there is none."""
+    j = next((j for j, m in enumerate(methods) if m.unknown is not None), None)
+    if j is None:
+        print("Fig. 3 skipped: no CLIP-S4 checkpoint with learned unknown prototypes among the "
+              "methods")
+        return None
+    assigned = assign_unknown(methods[j], passes[j], known_idx, args.assign, args.tau)
+    rows = unknown_rows(methods[j], passes[j], names, assigned, args.strip)
+    if not rows:
+        print(f"Fig. 3 skipped: no validation segment went to an unknown prototype "
+              f"(--assign {args.assign})")
+        return None
+    return figures.unknown_strips(methods[j].label, rows, passes[j].patches, args.strip)
+
+
+def figure_4(args, methods, passes, names, known, known_idx, ref):
+    """Fig. 4, a 2-D map of one method's segment embeddings, known against unknown (--frame truth:
+    by the ground truth's name; else by the method's own assignment)."""
+    j = args.map_method if args.map_method is not None else methods.index(ref)
+    if not 0 <= j < len(methods):
+        raise UserError(f"--map-method {j}: choose 0..{len(methods) - 1}")
+    m, p = methods[j], passes[j]
+    if args.frame == "truth":
+        is_known = np.array([g >= 0 and names[g] in known for g in p.gt.tolist()])
+    else:
+        is_known = ~assign_unknown(m, p, known_idx, args.assign, args.tau)[0].numpy()
+    return figures.segment_map(m.label, p.emb.numpy(), p.patches, is_known, args.map_cells,
+                               args.seed)[0]
+
+
 def main(args):
     import matplotlib
     matplotlib.use("Agg")
@@ -346,61 +412,19 @@ def main(args):
         print(f"wrote {out / name}")
 
     if 1 in args.figures:
-        if args.image_ids:
-            ids = [it[0] for it in base.items]
-            missing = [i for i in args.image_ids if i not in ids]
-            if missing:
-                raise UserError(f"--image-ids: {missing} not in {args.dataset} {args.split}")
-            picks = [ids.index(i) for i in args.image_ids]
-        else:
-            picks = rng.choice(len(base), min(args.images, len(base)), replace=False)
-            picks = sorted(picks.tolist())
-        class_names = args.classes or names
-        if len(set(class_names)) != len(class_names):
-            raise UserError("--classes: a name is given twice")
-        rows, cols, colours = qualitative_panels(methods, base, picks, class_names, names)
-        save(figures.qualitative(rows, cols, [base[i]["id"] for i in picks], colours, class_names,
-                                 known), "qualitative.png")
+        save(figure_1(args, methods, base, names, known, rng), "qualitative.png")
     if {2, 3, 4} & set(args.figures):
         n = min(args.pass_images or len(base), len(base))
         idx = sorted(np.random.default_rng(args.seed).choice(len(base), n, replace=False).tolist())
         passes = embedding_pass(methods, base, idx, len(names), args.segments,
                                 args.teacher_size or side)
-        if 2 in args.figures:  # the classes present in every method's pass
-            counts = torch.stack([p.counts for p in passes]).min(0).values
-            present = (counts > 0).nonzero().squeeze(1).tolist()
-            fig, align = figures.class_means_umap([m.label for m in methods],
-                                                  [p.means[present] for p in passes],
-                                                  methods[0].text.cpu()[present],
-                                                  [names[k] for k in present], args.seed)
-            print("mean cosine of class means to text: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in align.items()))
-            save(fig, "embeddings_umap.png")
-        if 3 in args.figures:
-            j = next((j for j, m in enumerate(methods) if m.unknown is not None), None)
-            if j is None:
-                print("Fig. 3 skipped: no CLIP-S4 checkpoint with learned unknown prototypes "
-                      "among the methods")
-            else:
-                assigned = assign_unknown(methods[j], passes[j], known_idx, args.assign, args.tau)
-                rows = unknown_rows(methods[j], passes[j], names, assigned, args.strip)
-                if not rows:
-                    print(f"Fig. 3 skipped: no validation segment went to an unknown prototype "
-                          f"(--assign {args.assign})")
-                else:
-                    save(figures.unknown_strips(methods[j].label, rows, passes[j].patches,
-                                                args.strip), "unknown_classes.png")
+        if 2 in args.figures:
+            save(figure_2(args, methods, passes, names), "embeddings_umap.png")
+        fig = figure_3(args, methods, passes, names, known_idx) if 3 in args.figures else None
+        if fig is not None:
+            save(fig, "unknown_classes.png")
         if 4 in args.figures:
-            j = args.map_method if args.map_method is not None else methods.index(ref)
-            if not 0 <= j < len(methods):
-                raise UserError(f"--map-method {j}: choose 0..{len(methods) - 1}")
-            m, p = methods[j], passes[j]
-            if args.frame == "truth":
-                is_known = np.array([g >= 0 and names[g] in known for g in p.gt.tolist()])
-            else:
-                is_known = ~assign_unknown(m, p, known_idx, args.assign, args.tau)[0].numpy()
-            save(figures.segment_map(m.label, p.emb.numpy(), p.patches, is_known, args.map_cells,
-                                     args.seed)[0], "segment_map.png")
+            save(figure_4(args, methods, passes, names, known, known_idx, ref), "segment_map.png")
     return written
 
 

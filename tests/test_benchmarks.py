@@ -181,14 +181,14 @@ def eight(root, skip=()):
 
 
 def test_peers_preset_per_dataset():
+    """Each benchmark's preset reads a class-name file that is in the repo and names as many
+    classes as the dataset has; the background rule only where there is a background class."""
     args = evaluate.get_args(["--method", "maskclip", "--protocol", "peers"])
     got = {d: evaluate.protocol(args, d) for d in evaluate.SUITE}
-    assert [got[d]["size"] for d in evaluate.SUITE] == [336] * 6 + [560, 336]
-    assert [got[d]["window"] for d in evaluate.SUITE] == [None, 224, 224, None, 224, 224, 224, 224]
-    assert {got[d]["step"] for d in evaluate.SUITE} == {112}
-    assert {got[d]["templates"] for d in evaluate.SUITE} == {"openai80"}
-    assert [got[d]["threshold"] for d in evaluate.SUITE] == [0.1] * 3 + [None] * 5
-    assert Path(got["coco-object"]["class_names"]).name == "peers_coco-object.txt"
+    for d in evaluate.SUITE:
+        names = data.read_class_file(got[d]["class_names"])  # a missing file raises
+        assert len(names) == len(data.class_map(d, None)[2])
+        assert (got[d]["threshold"] is not None) == (d in data.WITH_BACKGROUND)
     ours = evaluate.protocol(evaluate.get_args(["--method", "maskclip"]), "voc21")
     assert ours == {"size": None, "window": None, "step": None, "templates": "maskclip85",
                     "class_names": None, "threshold": 0.1}
@@ -225,12 +225,14 @@ def test_suite_prints_every_row_skips_the_missing_and_matches_single_runs(tmp_pa
 
 
 def test_published_rows_and_their_means():
+    """A published row's line ends with the mean of its numbers, and counts the datasets it has
+    when it lacks some."""
     row = evaluate.published_row("naclip", "none", {"name": "ViT-B-16", "pretrained": "openai"})
-    assert row[1]["voc21"] == 58.9 and row[1]["ade20k"] == 17.4
-    assert evaluate.suite_line("x", row[1]).endswith("| 39.4 |")  # NACLIP's published mean
-    pamr = evaluate.published_row("naclip", "pamr", {"name": "ViT-B-16", "pretrained": "openai"})
-    assert evaluate.suite_line("x", pamr[1]).endswith("| 42.5 |")  # its README's 42.46
+    assert set(row[1]) == set(evaluate.SUITE)
+    assert evaluate.suite_line("x", row[1]).endswith(f"| {np.mean(list(row[1].values())):.1f} |")
     assert evaluate.published_row("naclip", "none", {"name": "RN50", "pretrained": "openai"}) \
         is None
     mask = evaluate.published_row("maskclip", "none", {"name": "ViT-B-16", "pretrained": "openai"})
-    assert evaluate.suite_line("x", mask[1]).endswith("| 28.0 (5/8) |")
+    have = [v for v in mask[1].values() if v is not None]
+    assert 0 < len(have) < 8
+    assert evaluate.suite_line("x", mask[1]).endswith(f"| {np.mean(have):.1f} ({len(have)}/8) |")

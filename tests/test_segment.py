@@ -85,13 +85,19 @@ def test_label_value_is_index_in_given_order(images, tiny_weights, tmp_path):
     np.testing.assert_array_equal(la, 1 - lb)
 
 
-def test_refinements_run(images, tiny_weights, tmp_path):
-    segment.main(segment.get_args([str(images / "rgb.png"), "--classes", "sky", "egg",
-                                   "--key-smoothing", "--prompt-denoising", "--refine", "pamr",
-                                   "--out-dir",
-                                   str(tmp_path), "--cache-dir", ""]
-                                  + tiny_weights))
-    assert (tmp_path / "rgb_labels.png").is_file()
+def test_refinements_keep_the_image_size_and_ignore_the_order_of_names(images, tiny_weights,
+                                                                         tmp_path):
+    """Key smoothing, prompt denoising and PAMR together: a label per pixel of the input, and the
+    same segmentation whichever order the names are given in."""
+    base = [str(images / "rgb.png"), "--key-smoothing", "--prompt-denoising", "--refine", "pamr",
+            "--cache-dir", ""] + tiny_weights
+    a, b = tmp_path / "a", tmp_path / "b"
+    segment.main(segment.get_args(base + ["--classes", "sky", "egg", "--out-dir", str(a)]))
+    segment.main(segment.get_args(base + ["--classes", "egg", "sky", "--out-dir", str(b)]))
+    la, lb = (np.asarray(Image.open(d / "rgb_labels.png")) for d in (a, b))
+    assert la.shape == np.asarray(Image.open(images / "rgb.png")).shape[:2]
+    assert set(np.unique(la)) <= {0, 1}
+    np.testing.assert_array_equal(la, 1 - lb)
 
 
 def run_cli(args, tmp_path):

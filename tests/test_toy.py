@@ -94,7 +94,6 @@ def test_micro_clip_learns_and_loads_like_any_checkpoint(toy_world):
     clip, info = C.load_clip(pretrained=str(root / "toyclip.pt"), config=root / "toyclip.json")
     saved = torch.load(root / "toyclip.pt", weights_only=True)
     torch.testing.assert_close(clip.visual.proj, saved["visual.proj"])
-    assert 0 <= result["maskclip"]["mIoU"] <= 100
 
 
 def test_segment_on_a_toy_image(toy_world, tmp_path, capsys):

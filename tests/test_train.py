@@ -244,7 +244,9 @@ def test_segment_with_a_checkpoint(toy_world, tmp_path):
                                    "ball", "--checkpoint", str(tmp_path / "run" / "ckpt.pt"),
                                    "--size", "64", "--out-dir", str(tmp_path / "seg"),
                                    "--cache-dir", ""]))
-    assert (tmp_path / "seg" / "val_0001_labels.png").is_file()
+    labels = np.asarray(Image.open(tmp_path / "seg" / "val_0001_labels.png"))
+    image = np.asarray(Image.open(root / "JPEGImages" / "val_0001.png"))
+    assert labels.shape == image.shape[:2] and set(np.unique(labels)) <= {0, 1}
 
 
 @pytest.mark.parametrize("method", ["clip-s4", "conceptcontrast"])

@@ -58,7 +58,7 @@ def bench_dense(args, device):
         clip = open_clip.create_model(name, force_image_size=args.size,
                                       pretrained_text=False).eval().to(device)
         info = {"name": name, "pretrained": "none", "weights": None, "quick_gelu": False}
-        x = torch.rand(args.batch, 3, args.size, args.size, device=device)
+        x = torch.rand(args.dense_batch, 3, args.size, args.size, device=device)
         teachers = ["maskclip"] if name == "RN50" else TEACHERS  # the others change a ViT block
         for which in teachers:
             teacher = ClipTeacher(clip, info, which)
@@ -66,8 +66,9 @@ def bench_dense(args, device):
             with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
                 t_enc = timed(lambda: clip.encode_image(xn), args.repeats, device)
             t_dense = timed(lambda: teacher.dense(x), args.repeats, device)
-            print(f"| {name} | {which} | {args.batch}x{args.size}x{args.size} | {t_enc:.0f} | "
-                  f"{t_dense:.0f} | {t_dense / t_enc:.2f}x |")
+            shape = f"{args.dense_batch}x{args.size}x{args.size}"
+            print(f"| {name} | {which} | {shape} | {t_enc:.0f} | {t_dense:.0f} | "
+                  f"{t_dense / t_enc:.2f}x |")
 
 
 @torch.no_grad()
@@ -279,7 +280,7 @@ def main():
     p.add_argument("--images", type=int, default=48,
                    help="data: synthetic 500x375 images in the pipeline")
     p.add_argument("--size", type=int, default=448, help="dense: input side in pixels")
-    p.add_argument("--batch", type=int, default=1, help="dense: images per forward")
+    p.add_argument("--dense-batch", type=int, default=1, help="dense: images per forward")
     p.add_argument("--repeats", type=int, default=5, help="dense: timed repeats (median reported)")
     p.add_argument("--plain", action="store_true",
                    help="text: also time plain encode_text (slow on CPU)")
