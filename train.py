@@ -64,14 +64,19 @@ def small_image_recipe(side, stride):
                    cross-entropy): with plain cross-entropy on a small teacher's noisy labels, f
                    learns the frequent classes and erases the rare ones, stuff and things alike
                    (docs/results.md, "Rare classes");
+      --contrast-among image  L_c's denominator over the segments of the pixel's own image
+                   (SPML's reading): a small image's segments are 2-3 feature cells, and against
+                   the batch's thousand of them L_c pushes apart the pieces of one class
+                   (docs/results.md, "Which term costs what");
       f            a ResNet-18 with a 128-channel head, 250 steps of 8 images, lr 0.01, warm-up 20,
                    8 unknown prototypes, validation every 50 steps."""
     f_side = max(8, 8 * round(1.5 * side / 8))
     rates = [max(1, round(r * (f_side // 8) / 42)) for r in ASPP_RATES]
     return dict(size=max(stride, stride * round(side / stride)), crop_size=f_side,
                 eval_size=f_side, aspp_rates=rates, jitter=0.0, grayscale=0.0,
-                view_scale=[0.5, 1.0], balance=1.0, backbone="resnet18", head_dim=128, iters=250,
-                batch_size=8, lr=0.01, warmup=20, unknown_protos=8, eval_every=50)
+                view_scale=[0.5, 1.0], balance=1.0, contrast_among="image", backbone="resnet18",
+                head_dim=128, iters=250, batch_size=8, lr=0.01, warmup=20, unknown_protos=8,
+                eval_every=50)
 
 
 def dataset_preset(dataset, root, split, stride):

@@ -130,7 +130,8 @@ def test_ablate_harness_trains_scores_and_resumes(toy_world, tmp_path):
     assert rows[1]["withheld"]["names"] == ["water", "road", "ball", "car"]
     assert json.loads((tmp_path / "runs/w0/recipe+cf_s0/args.json").read_text())[
         "unknown_classes"] == ["water", "road", "ball", "car"]
-    assert "| 0 | no-Lc | 0 |" in out.stdout and "teacher (MaskCLIP)" in out.stdout
+    assert rows[0]["extra"] == extra.split()  # in the key, and beside the variant's name
+    assert f"| 0 | no-Lc ({extra}) | 0 |" in out.stdout and "teacher (MaskCLIP)" in out.stdout
     # the same command again: every row found done, nothing trained
     before = (tmp_path / "runs/w0/no-Lc_s0/train.out").stat().st_mtime
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

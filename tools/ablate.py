@@ -216,8 +216,9 @@ def table(rows):
                         else "-") + " | |")
         for r in sorted(mine, key=lambda r: (order(r["variant"]), r["seed"])):
             lang, k, w, f = r["lang"], r.get("knn"), r.get("withheld"), r["follow"]
+            label = r["variant"] + (f" ({' '.join(r['extra'])})" if r.get("extra") else "")
             lines.append(
-                f"| {n} | {r['variant']} | {r['seed']} | {fmt(lang['mIoU'])} | "
+                f"| {n} | {label} | {r['seed']} | {fmt(lang['mIoU'])} | "
                 f"{fmt(lang['pAcc'])} | {fmt(lang['things'])} | "
                 + (f"{fmt(k['mIoU'])} / {fmt(k['pAcc'])}" + ("" if k.get("size") == 128 else
                                                               f" (f at {k.get('size', 96)} px)")
@@ -245,7 +246,10 @@ def get_args(argv=None):
         help="run folders: <runs>/w<N>/<variant>_s<seed>")
     arg("--backbone-weights", default=str(ROOT / "data/toy/resnet18_toy.pt"),
         help="f's start (the README's command: world 0's toy ImageNet ResNet-18)")
-    arg("--train-extra", default="", help="more train.py flags for every run (tests: --iters 2)")
+    arg("--train-extra", default="",
+        help="more train.py flags for every run, part of each row's key and shown beside its "
+             "variant (tests: --iters 2; rows of the recipe before a default changed: "
+             "--contrast-among batch)")
     arg("--table", action="store_true", help="print the table of --results and stop")
     return p.parse_args(argv)
 
@@ -277,6 +281,7 @@ def main(args):
         t = time.time()
         row = train_and_score(args, n, root, name, flags, cf, seed, make_world(n))
         row = {"key": key, "world": n, "variant": name, "flags": flags, "seed": seed,
+               **({"extra": args.train_extra.split()} if args.train_extra else {}),
                "machine": machine, "date": time.strftime("%Y-%m-%d"), **row}
         results.parent.mkdir(parents=True, exist_ok=True)
         with open(results, "a") as out:
