@@ -132,13 +132,18 @@ def scores(ev, things):
             "per_class": per}
 
 
+def world_flags(root):
+    """The README's flags for a world in `root`: its folder dataset, and its toy CLIP."""
+    return (["--dataset", "folder", "--data-root", str(root)],
+            ["--clip-config", str(root / "toyclip.json"), "--clip-pretrained",
+             str(root / "toyclip.pt")])
+
+
 def train_and_score(args, n, root, name, flags, cf, seed, world):
     """One row: train (or finish) the run, score it, and return the row's numbers."""
     folder = Path(args.runs) / f"w{n}" / f"{name}_s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    clip = ["--clip-config", str(root / "toyclip.json"), "--clip-pretrained",
-            str(root / "toyclip.pt")]
-    data = ["--dataset", "folder", "--data-root", str(root)]
+    data, clip = world_flags(root)
     withheld = withheld_names(world) if cf else []
     cmd = (["train.py", *data, *clip, "--backbone-weights", args.backbone_weights,
             "--out-dir", str(folder), "--superpixel-cache", str(Path(args.runs) / f"w{n}" / "sp"),
@@ -167,9 +172,7 @@ def train_and_score(args, n, root, name, flags, cf, seed, world):
 def knn_scores(args, n, root, folder):
     """k-NN (knn.py) of the run in `folder` at --knn-size and, once per world, of its teacher at
     half that side (docs/results.md's Table 3 pairing: f's 8 px cells against 16 px patches)."""
-    data = ["--dataset", "folder", "--data-root", str(root)]
-    clip = ["--clip-config", str(root / "toyclip.json"), "--clip-pretrained",
-            str(root / "toyclip.pt")]
+    data, clip = world_flags(root)
     size = args.knn_size
     run(["knn.py", *data, "--checkpoint", str(folder / "ckpt.pt"), "--size", str(size), "--json",
          str(folder / f"knn{size}.json")], folder / f"knn{size}.out")
