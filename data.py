@@ -351,15 +351,13 @@ class SegDataset(torch.utils.data.Dataset):
     background: every stuff class and unlabelled pixel is background), cityscapes (19), ade20k
     (150; value 0 ignored, k -> k-1). .background: the background class's index, or None.
 
-    A bad file (unreadable image or label, sizes that differ, a label value outside the classes):
-    `on_bad_file` "stop" raises a UserError naming the file when the item is read; "skip" warns,
-    counts it in .bad and serves the next good item instead. `bad_files` (the scripts'
-    --bad-files): "stop" as on_bad_file "stop"; "check" reads every item first and stops at the
-    first bad one; "skip" reads every item first, prints the bad ones once and leaves them out
-    (.bad lists them)."""
+    A bad file (unreadable image or label, sizes that differ, a label value outside the classes),
+    by `bad_files` (the scripts' --bad-files): "stop" raises a UserError naming the file when the
+    item is read; "check" reads every item first and stops at the first bad one; "skip" reads
+    every item first, prints the bad ones once and leaves them out (.bad lists them)."""
 
     def __init__(self, name, root=None, split="val", background=False, class_names=None,
-                 on_bad_file="stop", bad_files="stop"):
+                 bad_files="stop"):
         if name not in LAYOUTS:
             raise UserError(f"--dataset {name}: choose from {', '.join(LAYOUTS)}")
         if split not in ("train", "val"):
@@ -367,7 +365,7 @@ class SegDataset(torch.utils.data.Dataset):
         base = find_base(name, root)
         image_dir = base / image_folder(name, split)
         label_dir = base / LAYOUTS[name].labels[split]
-        self.name, self.split, self.on_bad_file, self.bad = name, split, on_bad_file, []
+        self.name, self.split, self.bad = name, split, []
         raw, self.lut, names = class_map(name, base, background)
         self.num_raw = len(raw)
         self.background = 0 if name in WITH_BACKGROUND else None
@@ -468,16 +466,7 @@ class SegDataset(torch.utils.data.Dataset):
         return {"image": img, "label": self.lut[raw], "id": sid}
 
     def __getitem__(self, i):
-        for j in range(len(self)):
-            try:
-                return self.load((i + j) % len(self))
-            except UserError as e:
-                if self.on_bad_file == "stop":
-                    raise
-                if str(e) not in self.bad:
-                    self.bad.append(str(e))
-                    warnings.warn(f"skipping bad file ({len(self.bad)} so far): {e}")
-        raise UserError(f"--dataset {self.name}: no readable item at all")
+        return self.load(i)
 
 
 BAD_FILES = ("stop", "check", "skip")

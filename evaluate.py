@@ -33,15 +33,15 @@ import torch
 from data import (CONTEXT_FOLDS, DATASETS, WITH_BACKGROUND, EvalImages, SegDataset,
                   add_bad_files_arg, find_base, first_names)
 from util.files import UserError, write_json
-from util.metrics import (language_confusion, mean_std, per_class_line, segmentation_metrics,
-                     subset_metrics)
+from util.metrics import (DISPLAY_NAMES, add_refine_args, language_confusion, mean_std,
+                          per_class_line, segmentation_metrics, subset_metrics)
 from util.clip_loading import add_clip_args, resolve_clip_args
-from model import (DISPLAY_NAMES, TEMPLATE_FILES, add_refine_args, background_rule, class_scores,
-                   key_smoothing, load_embedder, pick_device, prompt_denoising, read_templates,
-                   refiner)
+from util.loop import pick_device
+from model import (TEMPLATE_FILES, background_rule, class_scores, key_smoothing, load_embedder,
+                   prompt_denoising, read_templates, refiner)
 from util.benchmarks import (BG_THRESHOLD, LOGIT_SCALE, PEER_NAMES, PEERS_CROP, PEERS_SHORT_SIDE,
-                             PEERS_SIDE,
-                   PEERS_STRIDE, PEERS_WINDOW, SUITE, paper_numbers, published_row, suite_line)
+                             PEERS_SIDE, PEERS_STRIDE, PEERS_WINDOW, SUITE, paper_numbers,
+                             published_row, suite_line)
 
 # The flags that build a teacher (clip_loading's), read from this command or from a run's args
 CLIP_FLAGS = ("clip", "clip_pretrained", "clip_config", "quick_gelu", "teacher")

@@ -47,9 +47,9 @@ from util.metrics import (confusion_matrix, knn_vote, language_confusion, majori
                      per_class_line, segmentation_metrics)
 from losses import image_segments
 from util.clip_loading import add_clip_args, resolve_clip_args
-from model import load_embedder, pick_device
+from model import load_embedder
 from util.benchmarks import PAPER_VOC
-from util.loop import poly_schedule, saved_on_interrupt
+from util.loop import pick_device, poly_schedule, saved_on_interrupt
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,

@@ -31,10 +31,6 @@ PROMPTS = Path(__file__).with_name("prompts.txt")
 # (SCLIP / ClearCLIP / NACLIP prompts/imagenet_template.py)
 TEMPLATE_FILES = {"maskclip85": PROMPTS,
                   "openai80": Path(__file__).with_name("prompts_openai80.txt")}
-# How tables and figures name a method or a teacher (a run's method, a teacher's --teacher).
-DISPLAY_NAMES = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4",
-                 "segsort": "SegSort-only", "conceptcontrast": "ConceptContrast", "sclip": "SCLIP",
-                 "clearclip": "ClearCLIP", "naclip": "NACLIP"}
 CACHE_DIR = Path(os.environ.get("CLIP_S4_CACHE", "~/.cache/clip_s4")).expanduser()
 
 
@@ -363,16 +359,6 @@ def key_smoothing(scores, keys, thresh=1.0, scale=100.0):
     return torch.where(low, smoothed, prob).view(B, K, h, w)
 
 
-def add_refine_args(p):
-    """--refine and PAMR's settings, shared by evaluate.py and segment.py."""
-    p.add_argument("--refine", choices=["none", "pamr"], default="none",
-                   help="post-process of any method's scores: pamr = pixel-adaptive mask "
-                   "refinement on the input image, as NACLIP reports (beyond the paper)")
-    p.add_argument("--pamr-iters", type=int, default=10, help="PAMR iterations (NACLIP's 10)")
-    p.add_argument("--pamr-dilations", type=int, nargs="+", default=[8, 16],
-                   help="PAMR neighbour rings, in input pixels (NACLIP's 8 16, at VOC's 448 px)")
-
-
 def refiner(refine="none", iters=10, dilations=(8, 16)):
     """The --refine post-process as evaluate.py and segment.py call it, (image, scores) -> scores,
     or None for "none"."""
@@ -521,11 +507,13 @@ class PixelEmbedder(nn.Module):
 OLD_RUN_DEFAULTS = {"aspp_rates": list(ASPP_RATES), "grid": "corner", "quick_gelu": "auto",
                     "clip_config": None, "unknown_scale": 100.0, "eval_size": None,
                     "teacher": "maskclip", "unknown_rule": "confidence"}
+OLD_RUN_NAMES = {"size": "teacher_size"}  # a flag's old name in saved args -> its name now
 
 
 def read_checkpoint(path, what="--checkpoint"):
-    """A train.py checkpoint as a dict, its args completed by OLD_RUN_DEFAULTS. Anything else (no
-    file, a truncated or foreign file) is a UserError of one line."""
+    """A train.py checkpoint as a dict, its args renamed by OLD_RUN_NAMES and completed by
+    OLD_RUN_DEFAULTS. Anything else (no file, a truncated or foreign file) is a UserError of one
+    line."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
     try:
@@ -534,7 +522,8 @@ def read_checkpoint(path, what="--checkpoint"):
         raise UserError(f"{what} {path}: cannot read it ({type(e).__name__})")
     if not isinstance(ck, dict) or "model" not in ck or "args" not in ck:
         raise UserError(f"{what} {path}: not a train.py checkpoint")
-    ck["args"] = {**OLD_RUN_DEFAULTS, **ck["args"]}
+    a = {OLD_RUN_NAMES.get(k, k): v for k, v in ck["args"].items()}
+    ck["args"] = {**OLD_RUN_DEFAULTS, **a}
     return ck
 
 
@@ -549,14 +538,6 @@ def load_run(path, device="cpu"):
                       GRID_SHIFT[a["grid"]])
     f.load_state_dict(ck["model"])
     return f.to(device).eval(), ClipTeacher(clip, info, a["teacher"]).to(device), ck
-
-
-def pick_device(name):
-    """'auto' (CUDA when present), 'cpu' or 'cuda' -> torch.device; 'cuda' and no GPU: UserError."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible")
-    cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
 
 
 Embedder = namedtuple("Embedder", "embed stride teacher run")

@@ -27,8 +27,10 @@ from PIL import Image
 from data import list_images, load_image, palette, resize_short_side, resize_labels, save_label_png
 from util.files import UserError, atomic_save
 from util.clip_loading import add_clip_args, resolve_clip_args
-from model import (CACHE_DIR, add_refine_args, class_scores, key_smoothing, load_embedder,
-                   parse_class_names, pick_device, prompt_denoising, refiner)
+from util.loop import pick_device
+from util.metrics import add_refine_args
+from model import (CACHE_DIR, class_scores, key_smoothing, load_embedder, parse_class_names,
+                   prompt_denoising, refiner)
 
 TEST_SIDE = 448  # the short side the model sees by default: MaskCLIP's for 224-px CLIPs
 

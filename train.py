@@ -5,7 +5,7 @@ The paper's setting (20k iterations; docs/benchmarks.md gives the time it takes)
 Class-free Pascal Context (fold 0's names withheld everywhere):
     python train.py --dataset context --data-root data/context --unknown-fold 0 \
         --out-dir runs/ctx_f0
-The toy world on 2 CPU cores, after `python toy/prepare.py` (its preset is printed at start):
+The toy world on 2 CPU cores (made first when data/toy holds none; its preset is printed):
     python train.py --dataset toy
 Your own small images (folder layout, short side under 224 px: the same small-image recipe):
     python train.py --dataset folder --data-root DIR --clip-config my_clip.json \
@@ -19,6 +19,7 @@ processes with gloo), --batch-size per process:
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from util.clip_loading import add_clip_args, load_clip, resolve_clip_args, visio
 from data import (CONTEXT_FOLDS, DATASETS, SMALL_SIDE, SegDataset, TwoViews, add_bad_files_arg,
                   first_names)
 from util.files import UserError
+from util.metrics import DISPLAY_NAMES
+from toy.world import world_state
 from losses import (ClipS4Objective, Concepts, ConceptContrastObjective, MaskClipPlusObjective,
                     SegSortObjective, UnknownPrototypes, kmeans_segments, pixel_sample,
                     regions_on_grid)
@@ -49,7 +52,7 @@ from util.loop import (FollowPixels, Phases, RunLog, TeacherCache, Validation, b
 def small_image_recipe(side, stride):
     """The recipe for images of short side `side` < SMALL_SIDE seen by a teacher of patch `stride`
     (docs/method.md, section 9b), sized to train in minutes on a laptop's CPU:
-      --size       the images' own side rounded to the stride: the teacher sees them as they are;
+      --teacher-size  the images' own side rounded to the stride: the teacher sees them as they are;
       --crop-size  and --eval-size 1.5 x side (a multiple of 8): f's stride-8 grid 1.5x finer
                    than the side / 8 and the teacher's side / stride;
       --aspp-rates DeepLab-v2's (6, 12, 18, 24) scaled by f's grid side / 42, the paper's grid
@@ -72,7 +75,7 @@ def small_image_recipe(side, stride):
                    8 unknown prototypes, validation every 50 steps."""
     f_side = max(8, 8 * round(1.5 * side / 8))
     rates = [max(1, round(r * (f_side // 8) / 42)) for r in ASPP_RATES]
-    return dict(size=max(stride, stride * round(side / stride)), crop_size=f_side,
+    return dict(teacher_size=max(stride, stride * round(side / stride)), crop_size=f_side,
                 eval_size=f_side, aspp_rates=rates, jitter=0.0, grayscale=0.0,
                 view_scale=[0.5, 1.0], balance=1.0, contrast_among="image", backbone="resnet18",
                 head_dim=128, iters=250, batch_size=8, lr=0.01, warmup=20, unknown_protos=8,
@@ -92,7 +95,8 @@ def dataset_preset(dataset, root, split, stride):
         side = None
     if dataset == "toy":
         return {**small_image_recipe(side or 64, stride),
-                "backbone_weights": f"{root}/resnet18_toy.pt", "out_dir": "runs/toy"}
+                "backbone_weights": f"{root}/resnet18_toy.pt", "out_dir": "runs/toy",
+                "final_eval": True}
     if side is None or side >= SMALL_SIDE:
         return {}
     return small_image_recipe(side, stride)
@@ -114,7 +118,8 @@ def parser():
 def model_args(p):
     g = p.add_argument_group("model", "the teacher's input and f (docs/method.md sections 2-3)")
     arg = g.add_argument
-    arg("--size", type=int, default=448, help="short side of the source the teacher sees [choice]")
+    arg("--teacher-size", type=int, default=448,
+        help="short side of the source the teacher sees; f sees --crop-size views of it [choice]")
     arg("--backbone", default="resnet101", help="f's trunk: resnet101, resnet50, resnet18")
     arg("--backbone-weights", default="auto", help="auto (torchvision's cache), none, or a file")
     arg("--head-dim", type=int, default=512, help="channels of f's ASPP and head [choice]")
@@ -131,6 +136,9 @@ def data_args(p):
     arg("--dataset", default="voc", choices=DATASETS)
     arg("--class-names", default=None, help="a file of class names replacing the dataset's")
     arg("--data-root", default=None, help="dataset folder (default data/<dataset>)")
+    arg("--toy-prepare", default="",
+        help="--dataset toy when --data-root holds no world of this version: toy/prepare.py "
+             "makes world 0 there first, with these flags added (tests: --toy-prepare=--tiny)")
     add_bad_files_arg(g)
     p.set_defaults(bad_files="check")  # a bad file stops the run before any checkpoint
     arg("--split", default="train", help="split to train on")
@@ -264,6 +272,9 @@ def run_args(p):
     arg("--resume", action="store_true", help="continue the run in --out-dir")
     arg("--stop-after", type=int, default=0,
         help="save and stop after N steps of this invocation (0: run to --iters)")
+    arg("--final-eval", action=argparse.BooleanOptionalAction, default=False,
+        help="after the last step, score f and its teacher on the whole val split, as "
+             "evaluate.py --with-teacher does, and end with that line (on in the toy preset)")
     arg("--profile", action="store_true", help="print each phase's time per step (syncs CUDA)")
     arg("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
@@ -285,11 +296,34 @@ def get_args(argv=None):
     """The run's flags: the command line, then the dataset's preset (dataset_preset) for every
     flag it leaves unset (a flag given wins); args.preset holds the preset's values in use."""
     first = parse_command_line(argv)
+    if first.dataset == "toy":
+        prepare_toy_world(first.data_root or "data/toy", first.toy_prepare)
+        first = parse_command_line(argv)  # the toy CLIP's files exist now: their full paths
     preset = dataset_preset(first.dataset, first.data_root or f"data/{first.dataset}",
                             first.split, vision_stride(first.clip, first.clip_config))
     args = parse_command_line(argv, preset)
     args.preset = {k: v for k, v in preset.items() if getattr(args, k) == v}
     return args
+
+
+def prepare_toy_world(root, flags=""):
+    """--dataset toy on first use: run toy/prepare.py (world 0, plus `flags`) in `root` when it
+    holds no world, or one that another version made or that was cut short (toy.world.world_state);
+    a folder of other files stops the run instead of being overwritten."""
+    state = world_state(root)
+    if state == "ready":
+        return
+    if state == "foreign":
+        raise UserError(f"--data-root {root} holds files that are not a toy world's: give "
+                        "another --data-root for --dataset toy, or --dataset folder")
+    why = "holds no toy world" if state == "missing" else "holds a toy world of another version"
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "toy" / "prepare.py"),
+           "--out-dir", str(root), *flags.split()]
+    print(f"{root} {why}: making world 0 first ({' '.join(cmd[1:])}; about 4 minutes on 2 CPU "
+          "cores)", flush=True)
+    if subprocess.run(cmd).returncode:
+        raise UserError(f"toy/prepare.py stopped before {root} was complete: run it again with "
+                        "the command above")
 
 
 def split_names(classes, dataset, unknown_classes=(), unknown_fold=None):
@@ -365,7 +399,7 @@ def build_run(args, device, world, lead, out):
     r.clip, r.info = load_clip(args.clip, args.clip_pretrained, args.clip_config, args.quick_gelu,
                                device)
     r.teacher = ClipTeacher(r.clip, r.info, args.teacher).to(device)
-    r.data = TwoViews(r.base, args.crop_size, args.size, r.teacher.stride,
+    r.data = TwoViews(r.base, args.crop_size, args.teacher_size, r.teacher.stride,
                       n_segments=args.superpixels,
                       cache_dir=args.superpixel_cache or out / "superpixels", seed=args.seed,
                       scale=args.view_scale, jitter=args.jitter, gray=args.grayscale)
@@ -478,6 +512,23 @@ def train_loop(args, r, step, out, device, rank, lead):
     return step
 
 
+def final_scores(args, r, out, device):
+    """--final-eval: f and its teacher on every val image, scored as evaluate.py --with-teacher
+    scores them (util.loop.Validation on the whole split), printed as its last line and added to
+    log.jsonl."""
+    t0 = time.perf_counter()
+    base = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names,
+                      bad_files=args.bad_files)
+    val = Validation(base, len(base), args.eval_size, r.teacher, r.f.stride, device)
+    s, t = val(r.f, args.iters, r.amp)["mIoU"], val.teacher["mIoU"]
+    with open(out / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": args.iters, "final_mIoU": s, "final_teacher_mIoU": t,
+                             "final_seconds": time.perf_counter() - t0}) + "\n")
+    print(f"{DISPLAY_NAMES[r.teacher.info['teacher']]} {t:.1f} -> "
+          f"{DISPLAY_NAMES.get(args.method, args.method)} {s:.1f} mIoU ({s - t:+.1f}) on all "
+          f"{len(base)} val images")
+
+
 def main(args):
     world, rank, device = setup_distributed(args.device)
     lead = rank == 0  # only the first process writes and validates
@@ -485,7 +536,9 @@ def main(args):
     out = open_run_folder(args, device, world, lead)
     r = build_run(args, device, world, lead, out)
     step = start(args, r, out, device, lead)
-    train_loop(args, r, step, out, device, rank, lead)
+    step = train_loop(args, r, step, out, device, rank, lead)
+    if lead and args.final_eval and step == args.iters:
+        final_scores(args, r, out, device)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -32,11 +32,11 @@ from util import figures
 from data import (DATASETS, IGNORE, SegDataset, add_bad_files_arg, first_names, palette,
                   resize_short_side, test_side)
 from util.files import UserError
-from util.metrics import majority_labels
+from util.metrics import DISPLAY_NAMES, majority_labels
+from util.loop import pick_device
 from losses import UnknownPrototypes, image_segments, restore_unknown, segment_means
 from util.clip_loading import add_clip_args, load_clip, resolve_clip_args
-from model import (DISPLAY_NAMES, ClipTeacher, class_embeddings, class_scores, load_run,
-                   pick_device, scale_or_clip)
+from model import ClipTeacher, class_embeddings, class_scores, load_run, scale_or_clip
 
 MAX_SIDE = 2048  # the long side of any image a method sees is capped here (resize_short_side)
 

@@ -100,10 +100,10 @@ def test_errors_name_the_path(tmp_path):
     (tmp_path / "JPEGImages/im0.png").write_bytes(b"garbage")
     with pytest.raises(UserError, match="im0.png"):
         ds[0]
-    skipping = data.SegDataset("folder", tmp_path, "val", on_bad_file="skip")
-    with pytest.warns(UserWarning, match="skipping"), pytest.raises(UserError, match="no readable"):
-        skipping[0]
-    assert len(skipping.bad) == 2
+    with pytest.raises(UserError, match="no readable item at all"):
+        data.SegDataset("folder", tmp_path, "val", bad_files="skip")  # both items bad
+    with pytest.raises(UserError, match="im0.png"):
+        data.SegDataset("folder", tmp_path, "val", bad_files="check")  # the first, before any use
 
 
 def test_metrics_against_sklearn_and_absent_classes():

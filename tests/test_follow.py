@@ -96,7 +96,8 @@ def test_views_carry_the_ground_truth_warped_like_the_image(toy_world):
 
 def test_training_logs_where_pixels_go(toy_world, tmp_path):
     root, _ = toy_world
-    flags = ["--dataset", "toy", "--data-root", str(root), "--size", "64", "--crop-size", "64",
+    flags = ["--dataset", "toy", "--data-root", str(root), "--teacher-size", "64",
+             "--crop-size", "64",
              "--backbone", "resnet18", "--backbone-weights", "none", "--head-dim", "32",
              "--batch-size", "4", "--workers", "0", "--max-pixels", "512", "--warmup", "2",
              "--log-every", "5", "--eval-images", "8", "--iters", "5", "--balance", "1",

@@ -108,9 +108,9 @@ def test_class_balance_pooled_unknown_by_hand():
 
 def test_ablate_harness_trains_scores_and_resumes(toy_world, tmp_path):
     root, _ = toy_world
-    extra = ("--size 64 --crop-size 64 --eval-size 64 --backbone-weights none --head-dim 32 "
-             "--batch-size 4 --workers 0 --unknown-protos 4 --max-pixels 512 --iters 3 "
-             "--warmup 1 --log-every 1 --eval-every 0")
+    extra = ("--teacher-size 64 --crop-size 64 --eval-size 64 --backbone-weights none "
+             "--head-dim 32 --batch-size 4 --workers 0 --unknown-protos 4 --max-pixels 512 "
+             "--iters 3 --warmup 1 --log-every 1 --eval-every 0")
     cmd = [sys.executable, "tools/ablate.py", "--worlds", f"0={root}", "--variants",
            "no-Lc=--lambda-c 0", "recipe+cf", "--results", str(tmp_path / "rows.jsonl"),
            "--runs", str(tmp_path / "runs"), "--train-extra", extra]

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,17 +16,20 @@ from PIL import Image
 import data
 import model as M
 import train
+from toy.world import WORLD_VERSION, world_state
+from util.files import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def flags_for(root, out, *extra):
-    """train.py's command line of a micro run on the micro toy world (the preset does the rest)."""
-    return ["--dataset", "toy", "--data-root", str(root), "--size", "64", "--crop-size", "64",
-            "--backbone", "resnet18", "--backbone-weights", "none", "--head-dim", "32",
-            "--batch-size", "4", "--workers", "0", "--unknown-protos", "4", "--max-pixels", "512",
-            "--warmup", "2", "--log-every", "5", "--save-every", "5", "--eval-images", "8",
-            "--out-dir", str(out), *extra]
+    """train.py's command line of a micro run on the micro toy world (the preset does the rest,
+    but for its final scoring on the whole val split: --final-eval asks for it)."""
+    return ["--dataset", "toy", "--data-root", str(root), "--teacher-size", "64",
+            "--crop-size", "64", "--backbone", "resnet18", "--backbone-weights", "none",
+            "--head-dim", "32", "--batch-size", "4", "--workers", "0", "--unknown-protos", "4",
+            "--max-pixels", "512", "--warmup", "2", "--log-every", "5", "--save-every", "5",
+            "--eval-images", "8", "--no-final-eval", "--out-dir", str(out), *extra]
 
 
 def args_for(root, out, *extra):
@@ -83,13 +87,13 @@ def test_aspp_rates_and_grid_travel_with_the_checkpoint(toy_world, tmp_path):
 
 def test_small_image_recipe_by_hand():
     r = train.small_image_recipe(64, 8)  # the toy world: 64-px scenes, a patch-8 CLIP
-    assert (r["size"], r["crop_size"], r["eval_size"]) == (64, 96, 96)
+    assert (r["teacher_size"], r["crop_size"], r["eval_size"]) == (64, 96, 96)
     assert r["aspp_rates"] == [2, 3, 5, 7]
     r = train.small_image_recipe(100, 16)  # 1.5 x 100 = 150 -> 152; grid 19: 6*19/42 = 2.7 -> 3
-    assert (r["size"], r["crop_size"], r["aspp_rates"]) == (96, 152, [3, 5, 8, 11])
+    assert (r["teacher_size"], r["crop_size"], r["aspp_rates"]) == (96, 152, [3, 5, 8, 11])
     assert (r["jitter"], r["grayscale"], r["view_scale"]) == (0.0, 0.0, [0.5, 1.0])
     assert r["balance"] == 1.0  # rare classes weigh as much as frequent ones
-    assert train.small_image_recipe(10, 16)["size"] == 16  # never below one patch
+    assert train.small_image_recipe(10, 16)["teacher_size"] == 16  # never below one patch
 
 
 def write_folder(root, side, n=3):
@@ -104,10 +108,44 @@ def write_folder(root, side, n=3):
     (root / "classes.txt").write_text("a\nb\n")
 
 
-def test_presets_follow_the_data_and_given_flags_win(tmp_path, tiny_configs):
+def test_toy_world_made_on_first_use_and_remade_when_stale(tmp_path, monkeypatch):
+    root = tmp_path / "toy"  # none yet: toy/prepare.py runs (a subprocess) before the preset
+    argv = ["--dataset", "toy", "--data-root", str(root), "--toy-prepare=--tiny"]
+    a = train.get_args(argv)
+    assert world_state(root) == "ready" and json.loads((root / "world.json").read_text())["tiny"]
+    assert a.clip_config == str((root / "toyclip.json").resolve())  # found: made absolute
+    assert a.backbone_weights == f"{root}/resnet18_toy.pt" and Path(a.backbone_weights).exists()
+    assert data.SegDataset("toy", root, "val").classes[:3] == ["sky", "grass", "water"]
+    calls = []
+    monkeypatch.setattr(train.subprocess, "run",
+                        lambda cmd: calls.append(cmd) or SimpleNamespace(returncode=0))
+    train.get_args(argv)
+    assert calls == []  # a ready world is used as it is
+    prepare = [sys.executable, str(Path(train.__file__).resolve().parent / "toy" / "prepare.py"),
+               "--out-dir", str(root), "--tiny"]
+    (root / "world.json").write_text(json.dumps({"version": WORLD_VERSION - 1}))
+    assert world_state(root) == "stale"
+    train.get_args(argv)
+    assert calls == [prepare]  # another version's world is remade, not half-used
+    (root / "world.json").unlink()  # cut short before its last step
+    assert world_state(root) == "stale"
+    monkeypatch.setattr(train.subprocess, "run", lambda cmd: SimpleNamespace(returncode=1))
+    with pytest.raises(UserError, match="stopped before"):
+        train.get_args(argv)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not a toy world"):
+        train.get_args(["--dataset", "toy", "--data-root", str(mine)])
+    assert [f.name for f in mine.iterdir()] == ["notes.txt"]
+
+
+def test_presets_follow_the_data_and_given_flags_win(tmp_path, tiny_configs, monkeypatch):
+    monkeypatch.setattr(train, "prepare_toy_world", lambda root, flags: None)  # presets only
     none = str(tmp_path / "none")  # no world there yet: taken as 64 px, a patch-16 CLIP
     a = train.get_args(["--dataset", "toy", "--data-root", none])
     assert a.preset == {**train.small_image_recipe(64, 16), "out_dir": "runs/toy",
+                        "final_eval": True,
                         "backbone_weights": f"{none}/resnet18_toy.pt"}  # printed, in args.json
     assert (a.clip_config, a.clip_pretrained) == (f"{none}/toyclip.json", f"{none}/toyclip.pt")
     b = train.get_args(["--dataset", "toy", "--iters", "7", "--data-root", "/w", "--jitter", "0.4"])
@@ -116,7 +154,7 @@ def test_presets_follow_the_data_and_given_flags_win(tmp_path, tiny_configs):
     write_folder(tmp_path / "small", 48)
     cfg = ["--clip-config", str(tiny_configs["vit"])]  # patch 8
     c = train.get_args(["--dataset", "folder", "--data-root", str(tmp_path / "small"), *cfg])
-    assert c.preset == train.small_image_recipe(48, 8) and (c.size, c.crop_size) == (48, 72)
+    assert c.preset == train.small_image_recipe(48, 8) and (c.teacher_size, c.crop_size) == (48, 72)
     write_folder(tmp_path / "large", 256, n=1)
     d = train.get_args(["--dataset", "folder", "--data-root", str(tmp_path / "large"), *cfg])
     assert d.preset == {} and (d.crop_size, d.jitter) == (336, 0.4)  # the paper's setting
@@ -124,7 +162,8 @@ def test_presets_follow_the_data_and_given_flags_win(tmp_path, tiny_configs):
     assert data.test_side(data.SegDataset("folder", tmp_path / "large", "val")) == 512
     v = train.get_args(["--dataset", "voc"])  # the paper's setting: no preset, the flags' defaults
     assert v.preset == {} and (v.clip, v.clip_pretrained) == ("ViT-B-16", "openai")
-    assert (v.iters, v.crop_size, v.size, v.backbone, v.lr) == (20000, 336, 448, "resnet101", 3e-3)
+    assert (v.iters, v.crop_size, v.teacher_size, v.backbone, v.lr) == (20000, 336, 448,
+                                                                         "resnet101", 3e-3)
 
 
 def test_vision_stride_read_from_the_config(tiny_configs):
@@ -135,11 +174,13 @@ def test_vision_stride_read_from_the_config(tiny_configs):
     assert vision_stride("no-such-clip") == 16
 
 
-def test_validation_scores_equal_evaluate_py(toy_world, tmp_path):
-    """The val line of a run is evaluate.py's score on the same images: f, and the teacher once."""
+def test_validation_scores_equal_evaluate_py(toy_world, tmp_path, capsys):
+    """The val line of a run is evaluate.py's score on the same images: f, and the teacher once;
+    --final-eval's last line is evaluate.py --with-teacher's on the whole val split."""
     import evaluate
     root, _ = toy_world
-    train.main(args_for(root, tmp_path / "v", "--iters", "4", "--eval-every", "2"))
+    train.main(args_for(root, tmp_path / "v", "--iters", "4", "--eval-every", "2", "--final-eval"))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
     log = [json.loads(ln) for ln in (tmp_path / "v" / "log.jsonl").read_text().splitlines()]
     val = [r for r in log if "val_mIoU" in r]
     assert [r["step"] for r in val] == [2, 4]
@@ -151,6 +192,14 @@ def test_validation_scores_equal_evaluate_py(toy_world, tmp_path):
     assert val[-1]["val_mIoU"] == pytest.approx(student["mIoU"])
     assert val[-1]["val_pAcc"] == pytest.approx(student["pAcc"])
     assert val[-1]["teacher_mIoU"] == pytest.approx(teacher["mIoU"])
+    full = evaluate.main(evaluate.get_args(["--dataset", "toy", "--data-root", str(root),
+                                            "--checkpoint", run, "--with-teacher"]))
+    final = [r for r in log if "final_mIoU" in r]
+    assert final[0]["final_mIoU"] == pytest.approx(full["mIoU"])
+    assert final[0]["final_teacher_mIoU"] == pytest.approx(full["teacher"]["mIoU"])
+    n = len(data.SegDataset("toy", root, "val"))
+    assert last == (f"MaskCLIP {full['teacher']['mIoU']:.1f} -> CLIP-S4 {full['mIoU']:.1f} mIoU "
+                    f"({full['mIoU'] - full['teacher']['mIoU']:+.1f}) on all {n} val images")
     best = max(val, key=lambda r: r["val_mIoU"])
     assert torch.load(tmp_path / "v" / "ckpt.pt", weights_only=False)["best"] == {
         "step": best["step"],
@@ -201,6 +250,18 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(toy_world, tm
         for ln in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
     ]
     assert steps == list(range(1, 9))  # the lines a killed run wrote past its checkpoint are gone
+
+
+def test_old_checkpoint_args_renamed_and_completed(tmp_path):
+    old = tmp_path / "old.pt"  # a run saved before --teacher-size and --grid existed
+    torch.save({"model": {}, "args": {"size": 64, "iters": 7}}, old)
+    a = M.read_checkpoint(str(old))["args"]
+    assert a["teacher_size"] == 64 and "size" not in a and a["iters"] == 7
+    assert a["grid"] == "corner" and a["unknown_scale"] == 100.0  # what such runs were trained with
+    new = tmp_path / "new.pt"
+    torch.save({"model": {}, "args": {"teacher_size": 32, "grid": "centre"}}, new)
+    assert {k: M.read_checkpoint(str(new))["args"][k] for k in ("teacher_size", "grid")} == {
+        "teacher_size": 32, "grid": "centre"}
 
 
 def test_damaged_checkpoint_falls_back_to_the_one_before(toy_world, tmp_path, capsys):

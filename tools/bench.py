@@ -8,11 +8,13 @@ asserted.
     python tools/bench.py train    # train.py at the paper setting, teacher cache off and on
     python tools/bench.py knn      # k-NN retrieval at VOC scale vs scikit-learn's brute force
     python tools/bench.py eval     # evaluate.py per image: teacher (whole, slide) and f (resnet101)
+    python tools/bench.py quickstart  # the README's quick start in a fresh folder, per phase
 
-All use random CLIP weights (the cost of a forward does not depend on the values) and print one
-markdown table row per measurement. `--device cuda` times on a GPU where there is one.
+All but quickstart use random CLIP weights (the cost of a forward does not depend on the values)
+and print one markdown table row per measurement. `--device cuda` times on a GPU where there is one.
 """
 import argparse
+import json
 import re
 import resource
 import statistics
@@ -258,10 +260,47 @@ def bench_train(args, device):
               + f" | {ms * 20000 / 3.6e6:.1f} h |", flush=True)
 
 
+def bench_quickstart(args, device):
+    """The README's quick start as a new user runs it: `python train.py --dataset toy` with no toy
+    world yet (toy/prepare.py runs first), in a temporary folder, end to end and per phase:
+    toy/prepare.py's scenes, toy CLIP and toy ResNet-18 (its own lines), train.py's steps by phase
+    (--profile, summed from log.jsonl; "log+save" holds the validations), the final scoring on the
+    whole val split, and the rest (start-up, the teacher's val maps, superpixels on first use).
+    --tiny: the tests' micro world and 4 steps (seconds)."""
+    with tempfile.TemporaryDirectory() as d:
+        run = Path(d) / "run"
+        cmd = [sys.executable, "train.py", "--dataset", "toy", "--data-root", str(Path(d) / "toy"),
+               "--out-dir", str(run), "--profile", "--device", args.device]
+        cmd += (["--toy-prepare=--tiny", "--iters", "4", "--eval-every", "2", "--log-every", "2"]
+                if args.tiny else [])
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        total = time.perf_counter() - t0
+        log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+        every = json.loads((run / "args.json").read_text())["log_every"]
+    seconds = lambda pattern: float(re.search(pattern, out).group(1))
+    rows = {"toy/prepare.py: scenes": seconds(r"wrote world \d+: .* in (\d+) s"),
+            "toy/prepare.py: toy CLIP": seconds(r"toy CLIP: loss .* in (\d+) s"),
+            "toy/prepare.py: toy ResNet-18": seconds(r"toy ResNet-18: loss .* in (\d+) s")}
+    for rec in (r for r in log if "phases_ms" in r):
+        for k, ms in rec["phases_ms"].items():  # ms per step over the `every` steps before
+            rows[f"train.py: {k}"] = rows.get(f"train.py: {k}", 0.0) + ms * every / 1000
+    final = next(r for r in log if "final_mIoU" in r)
+    rows["train.py: final scoring, whole val split"] = final["final_seconds"]
+    rows["the rest: start-up, val maps, superpixels"] = total - sum(rows.values())
+    rows["total"] = total
+    val = sum(r["val_seconds"] for r in log if "val_seconds" in r)
+    print("| phase | seconds | share |\n|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.0f} | {100 * v / total:.0f}% |")
+    print(f"(validation inside log+save: {val:.0f} s) | {out.strip().splitlines()[-1]}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dense", "text", "segment", "data", "train", "knn", "eval"])
+    p.add_argument("what", choices=["dense", "text", "segment", "data", "train", "knn", "eval",
+                                    "quickstart"])
     p.add_argument("--memory", type=int, default=380000,
                    help="knn: training segments in the memory")
     p.add_argument("--queries", type=int, default=2000,
@@ -284,13 +323,16 @@ def main():
     p.add_argument("--repeats", type=int, default=5, help="dense: timed repeats (median reported)")
     p.add_argument("--plain", action="store_true",
                    help="text: also time plain encode_text (slow on CPU)")
+    p.add_argument("--tiny", action="store_true",
+                   help="quickstart: the tests' micro world, 4 steps (checks the bench itself)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"bench {args.what} | {torch.get_num_threads()} threads | device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
     {"dense": bench_dense, "text": bench_text, "segment": bench_segment, "data": bench_data,
-     "train": bench_train, "knn": bench_knn, "eval": bench_eval}[args.what](args, device)
+     "train": bench_train, "knn": bench_knn, "eval": bench_eval,
+     "quickstart": bench_quickstart}[args.what](args, device)
     # this process's peak only: train and segment run in a child
     if device.type == "cuda" and torch.cuda.max_memory_allocated():
         print(f"GPU peak memory (this process): {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} "

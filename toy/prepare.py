@@ -34,7 +34,7 @@ from util.files import UserError, atomic_save
 from util.metrics import language_confusion, segmentation_metrics
 from util.clip_loading import load_clip
 from model import IMAGENET_MEAN, IMAGENET_STD, ClipTeacher, class_scores
-from toy.world import make_scene, make_world, write_world
+from toy.world import make_scene, make_world, write_marker, write_world
 
 # ----------------------------------------------------------------------------------------------
 # The tiny CLIP: open_clip's own CLIP class from a JSON config, open_clip's contrastive loss
@@ -238,16 +238,20 @@ def main(args):
     result = {} if args.backbone_only else world_and_clip(args, world, root, t0)
     # ---- the toy ImageNet: weights for f's backbone (train.py --backbone-weights) ----
     if args.backbone_steps:
-        n = args.backbone_scenes
+        t1, n = time.perf_counter(), args.backbone_scenes
         images, tags = tagged_scenes(world, n + n // 8, args.size, args.seed, args.closeup,
                                      args.objects)
         net, losses = pretrain_backbone(images[:n], tags[:n], args)
         path = root / "resnet18_toy.pt"
         atomic_save({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, path)
         acc, exact = tag_accuracy(net, images[n:], tags[n:])
-        print(f"toy ResNet-18: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}, "
-              f"held-out tags {acc:.1f}% right ({exact:.1f}% of images all right), saved {path}")
+        print(f"toy ResNet-18: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f} in "
+              f"{time.perf_counter() - t1:.0f} s, held-out tags {acc:.1f}% right ({exact:.1f}% of "
+              f"images all right), saved {path}")
         result["backbone"] = {"losses": losses, "tag_accuracy": acc}
+    if not args.backbone_only:
+        write_marker(root, world=args.world, seed=args.seed, tiny=args.tiny,
+                     backbone=bool(args.backbone_steps))
     print(f"total {time.perf_counter() - t0:.0f} s")
     return result
 

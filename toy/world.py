@@ -306,6 +306,34 @@ def make_caption(world, rng, lab, colour_of):
     return rng.choice(FRAMES).format(body), named
 
 
+# The version of the files toy/prepare.py writes. Raise it with any change to this file or to
+# toy/prepare.py that changes those files: a folder made by another version is then remade by
+# train.py --dataset toy, never half-used.
+WORLD_VERSION = 1
+MARKER = "world.json"  # written last, so a folder without it was cut short
+
+
+def write_marker(root, **about):
+    """Mark `root` as a complete world of WORLD_VERSION (toy/prepare.py's last step)."""
+    (Path(root) / MARKER).write_text(json.dumps({"version": WORLD_VERSION, **about}, indent=1))
+
+
+def world_state(root):
+    """What `root` holds: "ready" (a complete world of WORLD_VERSION), "missing" (no folder, or an
+    empty one), "stale" (a toy world of another version, or one cut short) or "foreign" (files that
+    are not a toy world's, which nothing here may overwrite)."""
+    root = Path(root)
+    if not root.is_dir() or not any(root.iterdir()):
+        return "missing"
+    try:
+        if json.loads((root / MARKER).read_text()).get("version") == WORLD_VERSION:
+            return "ready"
+    except (OSError, ValueError, AttributeError):
+        pass
+    ours = ("captions.json", "toyclip.json", "toyclip.pt", "resnet18_toy.pt")
+    return "stale" if any((root / n).exists() for n in ours) else "foreign"
+
+
 def write_world(root, world, n_train, n_val, size, seed, closeup=0.3, objects=0.2, progress=None):
     """Write a world's dataset in VOC layout: JPEGImages/ (PNG files), SegmentationClass/,
     ImageSets/Segmentation/{train,val}.txt, classes.txt, captions.json. Deterministic under

@@ -16,7 +16,15 @@ from data import EvalImages, collate, first_names, test_side, warp
 from util.files import UserError, atomic_save
 from losses import regions_on_grid
 from util.metrics import language_confusion, segmentation_metrics
-from model import class_scores, pick_device, read_checkpoint
+from model import class_scores, read_checkpoint
+
+
+def pick_device(name):
+    """'auto' (CUDA when present), 'cpu' or 'cuda' -> torch.device; 'cuda' and no GPU: UserError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
 
 
 def batches(data, batch_size, seed, workers, start_step=0, rank=0, world=1):
@@ -381,6 +389,7 @@ class RunLog:
               f" | pAcc {r['pAcc']:.1f} (teacher {t['pAcc']:.1f}){small} | best "
               f"{val.best['mIoU']:.1f} at step {val.best['step']} | {seconds:.1f} s", flush=True)
         self.write({"step": step, "val_mIoU": r["mIoU"], "val_pAcc": r["pAcc"], "val_images": val.n,
+                    "val_seconds": seconds,
                     "teacher_mIoU": t["mIoU"], "teacher_pAcc": t["pAcc"],
                     "val_small": r["small"], "teacher_small": t["small"],
                     "val_per_class": r["per_class"], "teacher_per_class": t["per_class"]})

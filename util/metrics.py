@@ -11,6 +11,21 @@ from tqdm import tqdm
 
 from data import IGNORE
 
+# How tables and figures name a method or a teacher (a run's method, a teacher's --teacher).
+DISPLAY_NAMES = {"maskclip": "MaskCLIP", "maskclip+": "MaskCLIP+", "clip-s4": "CLIP-S4",
+                 "segsort": "SegSort-only", "conceptcontrast": "ConceptContrast", "sclip": "SCLIP",
+                 "clearclip": "ClearCLIP", "naclip": "NACLIP"}
+
+
+def add_refine_args(p):
+    """--refine and PAMR's settings, shared by evaluate.py and segment.py."""
+    p.add_argument("--refine", choices=["none", "pamr"], default="none",
+                   help="post-process of any method's scores: pamr = pixel-adaptive mask "
+                   "refinement on the input image, as NACLIP reports (beyond the paper)")
+    p.add_argument("--pamr-iters", type=int, default=10, help="PAMR iterations (NACLIP's 10)")
+    p.add_argument("--pamr-dilations", type=int, nargs="+", default=[8, 16],
+                   help="PAMR neighbour rings, in input pixels (NACLIP's 8 16, at VOC's 448 px)")
+
 
 def confusion_matrix(pred, gt, num_classes, ignore=IGNORE):
     """Rows = ground truth, columns = prediction, pixels labelled `ignore` left out.
