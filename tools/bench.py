@@ -266,8 +266,9 @@ def bench_quickstart(args, device):
     toy/prepare.py's scenes, toy CLIP and toy ResNet-18 (its own lines), train.py's steps by phase
     (--profile, summed from log.jsonl; "log+save" holds the validations), the final scoring on the
     whole val split, and the rest (start-up, the teacher's val maps, superpixels on first use).
-    --tiny: the tests' micro world and 4 steps (seconds)."""
-    with tempfile.TemporaryDirectory() as d:
+    --tiny: the tests' micro world and 4 steps (seconds). --keep-in DIR: work in DIR and keep it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = args.keep_in or tmp
         run = Path(d) / "run"
         cmd = [sys.executable, "train.py", "--dataset", "toy", "--data-root", str(Path(d) / "toy"),
                "--out-dir", str(run), "--profile", "--device", args.device]
@@ -323,6 +324,9 @@ def main():
     p.add_argument("--repeats", type=int, default=5, help="dense: timed repeats (median reported)")
     p.add_argument("--plain", action="store_true",
                    help="text: also time plain encode_text (slow on CPU)")
+    p.add_argument("--keep-in", default=None,
+                   help="quickstart: the folder for the world and the run, kept (default: a "
+                   "temporary one)")
     p.add_argument("--tiny", action="store_true",
                    help="quickstart: the tests' micro world, 4 steps (checks the bench itself)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
