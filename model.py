@@ -506,7 +506,7 @@ class PixelEmbedder(nn.Module):
 # takes the value that run was trained with, not today's default.
 OLD_RUN_DEFAULTS = {"aspp_rates": list(ASPP_RATES), "grid": "corner", "quick_gelu": "auto",
                     "clip_config": None, "unknown_scale": 100.0, "eval_size": None,
-                    "teacher": "maskclip", "unknown_rule": "confidence"}
+                    "teacher": "maskclip", "unknown_rule": "confidence", "average_from": 1.0}
 OLD_RUN_NAMES = {"size": "teacher_size"}  # a flag's old name in saved args -> its name now
 
 
@@ -527,6 +527,16 @@ def read_checkpoint(path, what="--checkpoint"):
     return ck
 
 
+def scored_weights(ck):
+    """The weights a checkpoint is scored with: the average of f's last steps when the run kept
+    one (train.py --average-from; util.loop.WeightAverage) and it holds a step, else f's last
+    weights (ck["model"], which a resumed run continues from)."""
+    avg = ck.get("average")
+    if avg and int(avg["n_averaged"]) > 0:
+        return {k[len("module."):]: v for k, v in avg.items() if k.startswith("module.")}
+    return ck["model"]
+
+
 def load_run(path, device="cpu"):
     """Rebuild a trained run from its checkpoint: (f in eval mode, the frozen teacher it was trained
     with, the checkpoint dict). The checkpoint records its CLIP: no CLIP flags are needed again."""
@@ -536,7 +546,7 @@ def load_run(path, device="cpu"):
                            device)
     f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a["aspp_rates"],
                       GRID_SHIFT[a["grid"]])
-    f.load_state_dict(ck["model"])
+    f.load_state_dict(scored_weights(ck))
     return f.to(device).eval(), ClipTeacher(clip, info, a["teacher"]).to(device), ck
 
 

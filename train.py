@@ -39,9 +39,9 @@ from losses import (ClipS4Objective, Concepts, ConceptContrastObjective, MaskCli
                     regions_on_grid)
 from model import (ASPP_RATES, GRID_SHIFT, ClipTeacher, PixelEmbedder, class_embeddings,
                    scale_or_clip)
-from util.loop import (FollowPixels, Phases, RunLog, TeacherCache, Validation, batches, log_extras,
-                      optimizer_for, optimizer_step, resume, save_checkpoint, saved_on_interrupt,
-                      setup_distributed, trim_log)
+from util.loop import (FollowPixels, Phases, RunLog, TeacherCache, Validation, WeightAverage,
+                       batches, log_extras, optimizer_for, optimizer_step, resume, save_checkpoint,
+                       saved_on_interrupt, setup_distributed, trim_log)
 
 # Per-dataset defaults, printed at start and kept in args.json; a flag given on the command line
 # wins. The paper's datasets need none: the flags' own defaults are the paper's setting. Small
@@ -72,14 +72,17 @@ def small_image_recipe(side, stride):
                    the batch's thousand of them L_c pushes apart the pieces of one class
                    (docs/results.md, "Which term costs what");
       f            a ResNet-18 with a 128-channel head, 250 steps of 8 images, lr 0.01, warm-up 20,
-                   8 unknown prototypes, validation every 50 steps."""
+                   8 unknown prototypes, validation every 50 steps;
+      --average-from 0.5  f's weights averaged over the second half of the run: late in a short
+                   run a stuff class flips between names from one check to the next, and the
+                   last step's weights are a draw (docs/results.md, "A number that repeats")."""
     f_side = max(8, 8 * round(1.5 * side / 8))
     rates = [max(1, round(r * (f_side // 8) / 42)) for r in ASPP_RATES]
     return dict(teacher_size=max(stride, stride * round(side / stride)), crop_size=f_side,
                 eval_size=f_side, aspp_rates=rates, jitter=0.0, grayscale=0.0,
                 view_scale=[0.5, 1.0], balance=1.0, contrast_among="image", backbone="resnet18",
                 head_dim=128, iters=250, batch_size=8, lr=0.01, warmup=20, unknown_protos=8,
-                eval_every=50)
+                eval_every=50, average_from=0.5)
 
 
 def dataset_preset(dataset, root, split, stride):
@@ -249,6 +252,10 @@ def optim_args(p):
     arg("--warmup", type=int, default=100, help="linear warm-up iterations [choice]")
     arg("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     arg("--weight-decay", type=float, default=1e-3, help="SGD weight decay (paper: 1e-3)")
+    arg("--average-from", type=float, default=1.0,
+        help="score the uniform average of f's weights over the steps after this share of "
+             "--iters (BatchNorm statistics too): validation, the checkpoint and every script "
+             "read it; 1 = f's last weights [beyond the paper; util.loop.WeightAverage]")
     arg("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     arg("--seed", type=int, default=0)
 
@@ -422,6 +429,12 @@ def build_run(args, device, world, lead, out):
     r.scaler = torch.amp.GradScaler("cuda", enabled=r.amp)
     r.state = {"model": r.f, **r.objective.state(), "optimizer": r.opt, "scheduler": r.sched,
                "scaler": r.scaler}
+    # ---- 4. what is scored: f's last weights, or their average over the last steps ----
+    r.average = None
+    if args.average_from < 1:
+        r.average = WeightAverage(r.f, int(args.average_from * args.iters))
+        r.state["average"] = r.average.avg
+    r.scored = lambda: r.average.scored(r.f) if r.average else r.f
     return r
 
 
@@ -495,13 +508,15 @@ def train_loop(args, r, step, out, device, rank, lead):
             phases("data")
             loss, seg = train_step(args, r, batch, step, phases, device)
             step += 1
+            if r.average:
+                r.average.update(r.f, step)
             if lead and (step % args.log_every == 0 or step == args.iters):
                 log.train(step, stop, loss.total, loss.terms, seg, log_extras(
                     r.opt, phases, args.log_every, loss.stats, device, r.teacher_maps, r.follow))
             due = args.eval_every and (step % args.eval_every == 0 or step == stop)
             if due and r.val is not None:
                 t0 = time.perf_counter()
-                result = r.val(r.f, step, r.amp)
+                result = r.val(r.scored(), step, r.amp)
                 log.val(step, result, r.val, time.perf_counter() - t0)
             if due and r.world > 1:
                 dist.barrier()  # the other processes wait while the first one validates
@@ -515,18 +530,21 @@ def train_loop(args, r, step, out, device, rank, lead):
 def final_scores(args, r, out, device):
     """--final-eval: f and its teacher on every val image, scored as evaluate.py --with-teacher
     scores them (util.loop.Validation on the whole split), printed as its last line and added to
-    log.jsonl."""
+    log.jsonl. With --average-from, f's last weights are scored too, beside their average."""
     t0 = time.perf_counter()
     base = SegDataset(args.dataset, args.data_root, "val", class_names=args.class_names,
                       bad_files=args.bad_files)
     val = Validation(base, len(base), args.eval_size, r.teacher, r.f.stride, device)
-    s, t = val(r.f, args.iters, r.amp)["mIoU"], val.teacher["mIoU"]
+    s, t = val(r.scored(), args.iters, r.amp)["mIoU"], val.teacher["mIoU"]
+    last = val(r.f, args.iters, r.amp)["mIoU"] if r.scored() is not r.f else None
     with open(out / "log.jsonl", "a") as fh:
         fh.write(json.dumps({"step": args.iters, "final_mIoU": s, "final_teacher_mIoU": t,
+                             "final_last_mIoU": last,
                              "final_seconds": time.perf_counter() - t0}) + "\n")
+    alone = f" (f's last weights alone: {last:.1f})" if last is not None else ""
     print(f"{DISPLAY_NAMES[r.teacher.info['teacher']]} {t:.1f} -> "
           f"{DISPLAY_NAMES.get(args.method, args.method)} {s:.1f} mIoU ({s - t:+.1f}) on all "
-          f"{len(base)} val images")
+          f"{len(base)} val images{alone}")
 
 
 def main(args):

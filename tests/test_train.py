@@ -47,8 +47,10 @@ def run_script(argv, **kw):
 def same_weights(a, b):
     a, b = (torch.load(p, weights_only=False) for p in (a, b))
     assert a["step"] == b["step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    for part in ("model", "average"):  # f's last weights, and their average (the toy preset's)
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert int(a["average"]["n_averaged"]) > 0
     assert torch.equal(a["unknown"]["protos"], b["unknown"]["protos"])
 
 
@@ -199,7 +201,8 @@ def test_validation_scores_equal_evaluate_py(toy_world, tmp_path, capsys):
     assert final[0]["final_teacher_mIoU"] == pytest.approx(full["teacher"]["mIoU"])
     n = len(data.SegDataset("toy", root, "val"))
     assert last == (f"MaskCLIP {full['teacher']['mIoU']:.1f} -> CLIP-S4 {full['mIoU']:.1f} mIoU "
-                    f"({full['mIoU'] - full['teacher']['mIoU']:+.1f}) on all {n} val images")
+                    f"({full['mIoU'] - full['teacher']['mIoU']:+.1f}) on all {n} val images "
+                    f"(f's last weights alone: {final[0]['final_last_mIoU']:.1f})")
     best = max(val, key=lambda r: r["val_mIoU"])
     assert torch.load(tmp_path / "v" / "ckpt.pt", weights_only=False)["best"] == {
         "step": best["step"],
@@ -214,11 +217,50 @@ def test_resume_is_exact(toy_world, tmp_path):
     train.main(args_for(root, tmp_path / "halves", "--iters", "10", "--stop-after", "5"))
     assert torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=False)["step"] == 5
     train.main(args_for(root, tmp_path / "halves", "--iters", "10", "--resume"))
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=False)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert torch.equal(a["unknown"]["protos"], b["unknown"]["protos"])
+    same_weights(tmp_path / "straight" / "ckpt.pt", tmp_path / "halves" / "ckpt.pt")
+
+
+def test_weight_average_is_the_mean_of_the_last_steps():
+    """util.loop.WeightAverage against a loop written here: after step `start`, the plain mean of
+    every step's weights and BatchNorm statistics; before it, f itself is what is scored."""
+    from util.loop import WeightAverage
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                            torch.nn.Conv2d(4, 2, 1))
+    opt = torch.optim.SGD(f.parameters(), lr=0.1, momentum=0.9)
+    average, seen = WeightAverage(f, start=2), []
+    for step in range(1, 6):
+        opt.zero_grad()
+        f(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        opt.step()
+        average.update(f, step)
+        if step <= 2:
+            assert average.scored(f) is f
+        else:
+            seen.append({k: v.clone() for k, v in f.state_dict().items()})
+    got = average.scored(f).state_dict()
+    for k, v in got.items():
+        if v.is_floating_point():  # weights, biases, running means and variances
+            want = torch.stack([s[k] for s in seen]).mean(0)
+            assert torch.allclose(v, want, atol=1e-6), k
+    assert not torch.equal(got["0.weight"], f.state_dict()["0.weight"])
+
+
+def test_checkpoint_scores_the_average(toy_world, tmp_path):
+    """With --average-from (0.5 in the toy preset) every script scores the average of f's last
+    steps (model.scored_weights); with 1 there is none and f's last weights are scored."""
+    root, _ = toy_world
+    train.main(args_for(root, tmp_path / "avg", "--iters", "6"))
+    f, _, ck = M.load_run(tmp_path / "avg" / "ckpt.pt")
+    assert ck["args"]["average_from"] == 0.5 and int(ck["average"]["n_averaged"]) == 3
+    for k, v in f.state_dict().items():
+        assert torch.equal(v, ck["average"]["module." + k]), k
+    assert not torch.equal(ck["model"]["head.0.weight"], ck["average"]["module.head.0.weight"])
+    train.main(args_for(root, tmp_path / "last", "--iters", "6", "--average-from", "1"))
+    f, _, ck = M.load_run(tmp_path / "last" / "ckpt.pt")
+    assert "average" not in ck
+    for k, v in f.state_dict().items():
+        assert torch.equal(v, ck["model"][k]), k
 
 
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(toy_world, tmp_path):
@@ -258,6 +300,7 @@ def test_old_checkpoint_args_renamed_and_completed(tmp_path):
     a = M.read_checkpoint(str(old))["args"]
     assert a["teacher_size"] == 64 and "size" not in a and a["iters"] == 7
     assert a["grid"] == "corner" and a["unknown_scale"] == 100.0  # what such runs were trained with
+    assert a["average_from"] == 1.0  # f's last weights, as runs without the flag were scored
     new = tmp_path / "new.pt"
     torch.save({"model": {}, "args": {"teacher_size": 32, "grid": "centre"}}, new)
     assert {k: M.read_checkpoint(str(new))["args"][k] for k in ("teacher_size", "grid")} == {

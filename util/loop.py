@@ -123,6 +123,30 @@ def poly_schedule(opt, iters, warmup=0):
     return torch.optim.lr_scheduler.LambdaLR(opt, poly)
 
 
+class WeightAverage:
+    """--average-from: the uniform average of f's weights over the last steps of the run, its
+    BatchNorm statistics included (stochastic weight averaging, Izmailov et al. 2018, over the
+    end of the poly schedule; torch's AveragedModel) [beyond the paper]. After step `start`,
+    every step's weights join the average:  w_avg = (1 / n) sum_{s = start+1}^{start+n} w_s.
+    Where the schedule still moves f late, a class can flip between two names from one step to
+    the next, and the last step's weights are a draw; their average is not (docs/results.md,
+    "A number that repeats"). f trains on unchanged; validation, the checkpoint's scored weights
+    (model.scored_weights) and every script read the average once it holds a step."""
+
+    def __init__(self, f, start):
+        self.start = start
+        self.avg = torch.optim.swa_utils.AveragedModel(f, use_buffers=True)
+
+    def update(self, f, step):
+        """Add f's weights after `step` (counted from 1) when the average has begun."""
+        if step > self.start:
+            self.avg.update_parameters(f)
+
+    def scored(self, f):
+        """The network to score: the average once it holds a step, else f itself."""
+        return self.avg.module if int(self.avg.n_averaged) > 0 else f
+
+
 @contextmanager
 def saved_on_interrupt(save, message):
     """Ctrl-C inside the block: save() (None: this process saves nothing), print message() (how
