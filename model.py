@@ -412,12 +412,15 @@ def pamr(image, scores, iters=10, dilations=(8, 16), chunk=16):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def dilated_resnet(name, weights="auto"):
+def dilated_resnet(name, weights="auto", stages=4):
     """A torchvision ResNet trunk at output stride 8: layer3 and layer4 keep their resolution and
     dilate their 3x3 convolutions by 2 and 4 instead. torchvision's BasicBlock (resnet18) refuses
     `replace_stride_with_dilation`, so there the strides and dilations are set by hand.
     weights: 'auto' = torchvision's ImageNet weights when already in the torch cache (random init
-    with a warning otherwise, nothing is downloaded), 'none', or a path to a state dict."""
+    with a warning otherwise, nothing is downloaded), 'none', or a path to a state dict.
+    stages: 4, the whole trunk (DeepLab's), or 3, the trunk up to layer3 (the weights' layer4 is
+    dropped): at stride 8 layer4 runs at 16x its usual area and is most of a ResNet-18's cost
+    (docs/benchmarks.md). Returns the trunk and its output channels."""
     import warnings
     import torchvision
     ctor = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
@@ -452,6 +455,9 @@ def dilated_resnet(name, weights="auto"):
         if [k for k in missing if not k.startswith("fc.")] or unexpected:
             raise UserError(f"--backbone-weights {weights} does not fit {name}")
     net.fc = nn.Identity()
+    if stages == 3:
+        net.layer4 = nn.Identity()
+        return net, (256 if not bottleneck else 1024)
     return net, (512 if not bottleneck else 2048)
 
 
@@ -467,13 +473,14 @@ class PixelEmbedder(nn.Module):
     (--backbone). Grid: every script paints cell i over pixels [8i, 8i+8), as a ViT teacher's patch
     i. A stride-8 ResNet's cell i is centred on pixel 8i instead (each stride-2 layer keeps output j
     over input 2j), so f reads its input moved up and left by `shift` = 4 pixels (the last 4 rows
-    and columns repeated) and its cells sit on their blocks. shift=0 is train.py --grid corner."""
+    and columns repeated) and its cells sit on their blocks. shift=0 is train.py --grid corner.
+    stages: the trunk's ResNet stages (dilated_resnet; train.py --trunk-stages)."""
 
     def __init__(self, dim, backbone="resnet101", weights="auto", hidden=512, rates=ASPP_RATES,
-                 shift=GRID_SHIFT["centre"]):
+                 shift=GRID_SHIFT["centre"], stages=4):
         super().__init__()
         self.shift = shift
-        self.trunk, c = dilated_resnet(backbone, weights)
+        self.trunk, c = dilated_resnet(backbone, weights, stages)
         self.aspp = nn.ModuleList(nn.Conv2d(c, hidden, 3, padding=r, dilation=r) for r in rates)
         self.head = nn.Sequential(nn.Conv2d(hidden, hidden, 1), nn.BatchNorm2d(hidden),
                                   nn.ReLU(inplace=True),
@@ -494,7 +501,7 @@ class PixelEmbedder(nn.Module):
             images = F.pad(images, (0, s, 0, s), mode="replicate")[..., s:, s:]
         x = (images - self.mean) / self.std
         x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
-        x = t.layer4(t.layer3(t.layer2(t.layer1(x))))  # (B, C, H/8, W/8)
+        x = t.layer4(t.layer3(t.layer2(t.layer1(x))))  # (B, C, H/8, W/8); layer4 may be Identity
         x = sum(conv(x) for conv in self.aspp)  # (B, hidden, H/8, W/8)
         return F.normalize(self.head(x), dim=1)  # (B, D, H/8, W/8)
 
@@ -506,7 +513,8 @@ class PixelEmbedder(nn.Module):
 # takes the value that run was trained with, not today's default.
 OLD_RUN_DEFAULTS = {"aspp_rates": list(ASPP_RATES), "grid": "corner", "quick_gelu": "auto",
                     "clip_config": None, "unknown_scale": 100.0, "eval_size": None,
-                    "teacher": "maskclip", "unknown_rule": "confidence", "average_from": 1.0}
+                    "teacher": "maskclip", "unknown_rule": "confidence", "average_from": 1.0,
+                    "trunk_stages": 4}
 OLD_RUN_NAMES = {"size": "teacher_size"}  # a flag's old name in saved args -> its name now
 
 
@@ -545,7 +553,7 @@ def load_run(path, device="cpu"):
     clip, info = load_clip(a["clip"], a["clip_pretrained"], a["clip_config"], a["quick_gelu"],
                            device)
     f = PixelEmbedder(ck["dim"], a["backbone"], "none", a["head_dim"], a["aspp_rates"],
-                      GRID_SHIFT[a["grid"]])
+                      GRID_SHIFT[a["grid"]], a["trunk_stages"])
     f.load_state_dict(scored_weights(ck))
     return f.to(device).eval(), ClipTeacher(clip, info, a["teacher"]).to(device), ck
 

@@ -73,6 +73,9 @@ def small_image_recipe(side, stride):
                    (docs/results.md, "Which term costs what");
       f            a ResNet-18 with a 128-channel head, 250 steps of 8 images, lr 0.01, warm-up 20,
                    8 unknown prototypes, validation every 50 steps;
+      --trunk-stages 3  f's trunk stops after layer3: at stride 8 layer4 ran at 16x its usual area
+                   and cost two thirds of a step, and on a 12-cell view layer3 already sees the
+                   whole view (docs/benchmarks.md, "The quick start");
       --average-from 0.5  f's weights averaged over the second half of the run: late in a short
                    run a stuff class flips between names from one check to the next, and the
                    last step's weights are a draw (docs/results.md, "A number that repeats")."""
@@ -82,7 +85,7 @@ def small_image_recipe(side, stride):
                 eval_size=f_side, aspp_rates=rates, jitter=0.0, grayscale=0.0,
                 view_scale=[0.5, 1.0], balance=1.0, contrast_among="image", backbone="resnet18",
                 head_dim=128, iters=250, batch_size=8, lr=0.01, warmup=20, unknown_protos=8,
-                eval_every=50, average_from=0.5)
+                eval_every=50, average_from=0.5, trunk_stages=3)
 
 
 def dataset_preset(dataset, root, split, stride):
@@ -125,6 +128,9 @@ def model_args(p):
         help="short side of the source the teacher sees; f sees --crop-size views of it [choice]")
     arg("--backbone", default="resnet101", help="f's trunk: resnet101, resnet50, resnet18")
     arg("--backbone-weights", default="auto", help="auto (torchvision's cache), none, or a file")
+    arg("--trunk-stages", type=int, choices=[3, 4], default=4,
+        help="ResNet stages of f's trunk: 4 (DeepLab's) or 3 (up to layer3, layer4 dropped) "
+             "[choice; model.dilated_resnet]")
     arg("--head-dim", type=int, default=512, help="channels of f's ASPP and head [choice]")
     arg("--aspp-rates", type=int, nargs=4, default=list(ASPP_RATES),
         help="dilation rates of f's four ASPP branches (DeepLab-v2's) [choice]")
@@ -413,7 +419,7 @@ def build_run(args, device, world, lead, out):
     # ---- 2. f, the known names' text prototypes (3, 4), the objective and its state (7, 8) ----
     r.text = class_embeddings(r.teacher, r.known)  # (K, D)
     r.f = PixelEmbedder(r.text.shape[1], args.backbone, args.backbone_weights, args.head_dim,
-                        args.aspp_rates, GRID_SHIFT[args.grid]).to(device)
+                        args.aspp_rates, GRID_SHIFT[args.grid], args.trunk_stages).to(device)
     r.net = torch.nn.parallel.DistributedDataParallel(r.f) if world > 1 else r.f  # f: unwrapped
     r.objective = build_objective(args, r.text, r.clip, device,
                                   keep_targets=lead and args.follow_pixels)
@@ -447,7 +453,7 @@ def start(args, r, out, device, lead):
                                bad_files=args.bad_files)
         r.val = Validation(val_split, args.eval_images, args.eval_size, r.teacher, r.f.stride,
                            device)
-    network = {"aspp_rates": args.aspp_rates, "grid": args.grid}
+    network = {"aspp_rates": args.aspp_rates, "grid": args.grid, "trunk_stages": args.trunk_stages}
     step = resume(out, r.state, device, network, r.val) if args.resume else 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:

@@ -357,6 +357,25 @@ def test_wrong_weights_file(rn, tiny_configs, tmp_path):
         C.load_clip(pretrained=str(f), config=tiny_configs["vit"])
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_three_stage_trunk_is_the_whole_trunk_cut_after_layer3(name, tmp_path):
+    """stages=3 loads the same weights file and returns what the whole trunk's layer3 returns."""
+    torch.manual_seed(0)
+    full, c4 = M.dilated_resnet(name, "none")
+    torch.save(full.state_dict(), tmp_path / "w.pt")
+    cut, c3 = M.dilated_resnet(name, str(tmp_path / "w.pt"), stages=3)
+    full.eval(), cut.eval()
+    seen = {}
+    full.layer3.register_forward_hook(lambda m, i, o: seen.setdefault("layer3", o))
+    x = torch.rand(2, 3, 64, 64)
+    run = lambda t: t.layer4(t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x))))))))
+    with torch.no_grad():
+        run(full)
+        out = run(cut)
+    assert out.shape[1] == c3 == c4 // 2 and out.shape[-1] == 8  # stride 8, half the channels
+    assert torch.equal(out, seen["layer3"])
+
+
 def test_pixel_embedder_cells_centred_on_their_blocks():
     """Every script paints f's cell i over pixels [8i, 8i+8). The centre of mass of a cell's input
     gradient (where the cell looks) must move from the trunk's own centre, pixel 8i, which

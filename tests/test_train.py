@@ -68,11 +68,17 @@ def test_methods_run_and_checkpoint_loads(toy_world, tmp_path, method):
                                                        atol=1e-5)
 
 
-def test_aspp_rates_and_grid_travel_with_the_checkpoint(toy_world, tmp_path):
+def test_aspp_rates_grid_and_trunk_travel_with_the_checkpoint(toy_world, tmp_path):
     root, _ = toy_world
     train.main(args_for(root, tmp_path / "r", "--iters", "1", "--aspp-rates", "1", "2", "3", "4"))
-    f, _, ck = M.load_run(tmp_path / "r" / "ckpt.pt")
+    f, _, _ = M.load_run(tmp_path / "r" / "ckpt.pt")
     assert [conv.dilation for conv in f.aspp] == [(r, r) for r in (1, 2, 3, 4)] and f.shift == 4
+    assert isinstance(f.trunk.layer4, torch.nn.Identity) and f.aspp[0].in_channels == 256
+    train.main(args_for(root, tmp_path / "s4", "--iters", "1", "--trunk-stages", "4"))
+    f4, _, ck = M.load_run(tmp_path / "s4" / "ckpt.pt")  # the whole trunk, as the paper's f
+    assert not isinstance(f4.trunk.layer4, torch.nn.Identity) and f4.aspp[0].in_channels == 512
+    with pytest.raises(train.UserError, match="trunk-stages 4"):  # the toy recipe's 3 refused
+        train.main(args_for(root, tmp_path / "s4", "--iters", "2", "--resume"))
     # same weight shapes, but another network
     with pytest.raises(train.UserError, match="aspp-rates"):
         train.main(args_for(root, tmp_path / "r", "--iters", "2", "--resume"))
@@ -80,11 +86,13 @@ def test_aspp_rates_and_grid_travel_with_the_checkpoint(toy_world, tmp_path):
         train.main(args_for(root, tmp_path / "r", "--iters", "2", "--resume", "--aspp-rates", "1",
                             "2", "3", "4",
                             "--grid", "corner"))
-    # a checkpoint from before the flags existed rebuilds f with DeepLab-v2's rates and no shift
-    del ck["args"]["aspp_rates"], ck["args"]["grid"]
+    # a checkpoint from before the flags existed rebuilds f with DeepLab-v2's rates, no shift and
+    # the whole trunk
+    del ck["args"]["aspp_rates"], ck["args"]["grid"], ck["args"]["trunk_stages"]
     torch.save(ck, tmp_path / "old.pt")
     f, _, _ = M.load_run(tmp_path / "old.pt")
     assert [conv.dilation[0] for conv in f.aspp] == [6, 12, 18, 24] and f.shift == 0
+    assert f.aspp[0].in_channels == 512  # the whole trunk
 
 
 def test_small_image_recipe_by_hand():
@@ -95,6 +103,7 @@ def test_small_image_recipe_by_hand():
     assert (r["teacher_size"], r["crop_size"], r["aspp_rates"]) == (96, 152, [3, 5, 8, 11])
     assert (r["jitter"], r["grayscale"], r["view_scale"]) == (0.0, 0.0, [0.5, 1.0])
     assert r["balance"] == 1.0  # rare classes weigh as much as frequent ones
+    assert r["trunk_stages"] == 3 and train.get_args([]).trunk_stages == 4  # the paper's: all 4
     assert train.small_image_recipe(10, 16)["teacher_size"] == 16  # never below one patch
 
 
