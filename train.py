@@ -74,8 +74,9 @@ def small_image_recipe(side, stride):
       f            a ResNet-18 with a 128-channel head, 250 steps of 8 images, lr 0.01, warm-up 20,
                    8 unknown prototypes, validation every 50 steps;
       --trunk-stages 3  f's trunk stops after layer3: at stride 8 layer4 ran at 16x its usual area
-                   and cost two thirds of a step, and on a 12-cell view layer3 already sees the
-                   whole view (docs/benchmarks.md, "The quick start");
+                   and cost more than half of a step (docs/benchmarks.md, "The quick start");
+                   layer3 already sees the whole view, and f scored higher without layer4 on
+                   every toy world (docs/results.md, "Three stages of f");
       --average-from 0.5  f's weights averaged over the second half of the run: late in a short
                    run a stuff class flips between names from one check to the next, and the
                    last step's weights are a draw (docs/results.md, "A number that repeats")."""
