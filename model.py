@@ -454,11 +454,12 @@ def dilated_resnet(name, weights="auto", stages=4):
         missing, unexpected = net.load_state_dict(sd, strict=False)
         if [k for k in missing if not k.startswith("fc.")] or unexpected:
             raise UserError(f"--backbone-weights {weights} does not fit {name}")
+    channels = net.fc.in_features  # layer4's; layer3 has half as many
     net.fc = nn.Identity()
     if stages == 3:
         net.layer4 = nn.Identity()
-        return net, (256 if not bottleneck else 1024)
-    return net, (512 if not bottleneck else 2048)
+        channels //= 2
+    return net, channels
 
 
 ASPP_RATES = (6, 12, 18, 24)  # DeepLab-v2's, made for 321-513 px crops; train.py --aspp-rates
